@@ -1,0 +1,1 @@
+"""The ``loom`` command: a thin Typer shell over the library."""

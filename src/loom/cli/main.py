@@ -1,0 +1,50 @@
+"""Entry point: ``loom``. Library errors become one red line and exit code 2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from loom import __version__
+from loom.cli import store as store_cli
+from loom.cli.doctor import doctor
+from loom.cli.output import err_console
+from loom.errors import LoomError
+
+
+class LoomGroup(TyperGroup):
+    """Turns a LoomError anywhere below into its message and exit code 2 (no traceback):
+    the messages already name the input, the problem and the fix."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer vendors its own click Context
+        try:
+            return super().invoke(ctx)
+        except LoomError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise SystemExit(2) from None
+
+
+app = typer.Typer(
+    name="loom",
+    cls=LoomGroup,
+    help="Loom: many task-specialised LoRA agents on one shared base model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(store_cli.app, name="store")
+app.command("doctor")(doctor)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print Loom's version and exit."),
+) -> None:
+    if version:
+        typer.echo(f"loom {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,325 @@
+"""``loom store …``: list, show, import, publish, verify, alias, rollback, gc."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from loom.cli.output import byte_progress, console, fail, human_bytes, print_json
+from loom.store import Store
+from loom.store.manifest import Manifest
+
+app = typer.Typer(help="The model store: versions, aliases, verification.", no_args_is_help=True)
+alias_app = typer.Typer(help="Move and list aliases (current, champion, …).", no_args_is_help=True)
+app.add_typer(alias_app, name="alias")
+
+StoreOpt = typer.Option(None, "--store", envvar="LOOM_STORE", help="Store root (path or s3://…).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+class KindChoice(str, Enum):
+    base = "base"
+    adapter = "adapter"
+    dataset = "dataset"
+
+
+def _store(root: str | None) -> Store:
+    return Store(root)
+
+
+def _published(m: Manifest, as_json: bool) -> None:
+    if as_json:
+        print_json(m)
+        return
+    console.print(
+        f"[green]published[/] {m.kind} [bold]{m.name}@{m.version}[/]"
+        + (f" for agent {m.agent}" if m.agent else "")
+        + f" ({len(m.files)} files, {human_bytes(m.total_bytes)})"
+    )
+
+
+@app.command("ls")
+def ls(
+    kind: KindChoice | None = typer.Option(None, "--kind", help="Only this kind."),
+    root: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """List artifacts with their versions and aliases."""
+    store = _store(root)
+    rows = store.summaries(kind.value if kind else None)
+    if as_json:
+        print_json(
+            [
+                {
+                    "kind": s.artifact.kind,
+                    "name": s.artifact.name,
+                    "agent": s.artifact.agent,
+                    "versions": s.versions,
+                    "aliases": s.aliases,
+                }
+                for s in rows
+            ]
+        )
+        return
+    table = Table(title=f"store {store.url}")
+    for col in ("kind", "name", "agent", "versions", "latest", "aliases"):
+        table.add_column(col)
+    for s in rows:
+        aliases = ", ".join(f"{k}→{v}" for k, v in sorted(s.aliases.items()))
+        latest = s.versions[-1] if s.versions else "-"
+        table.add_row(
+            s.artifact.kind, s.artifact.name, s.artifact.agent or "", str(len(s.versions)), latest, aliases
+        )
+    console.print(table if rows else f"store {store.url} is empty; try 'loom store import-base --default'")
+
+
+@app.command("show")
+def show(ref: str, root: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """Show the manifest of REF (name, name@version or name@alias)."""
+    store = _store(root)
+    resolved = store.resolve(ref)
+    m = resolved.manifest
+    if as_json:
+        print_json(m)
+        return
+    table = Table.grid(padding=(0, 2))
+    facts: list[tuple[str, Any]] = [
+        ("ref", resolved.ref),
+        ("kind", m.kind),
+        ("agent", m.agent),
+        ("created", f"{m.created_at:%Y-%m-%d %H:%M:%S} UTC by {m.created_by}"),
+        ("source", f"{m.source.type}: {m.source.uri}"),
+        ("license", m.license),
+        ("status", m.status),
+        ("size", human_bytes(m.total_bytes)),
+    ]
+    if m.base:
+        b = m.base
+        facts += [
+            ("architecture", f"{b.arch.architecture} ({b.arch.model_type})"),
+            ("parameters", f"{b.parameter_count:,}"),
+            ("dtype", b.dtype),
+            ("approx_vram_mb", b.approx_vram_mb),
+            ("variants (MB)", ", ".join(f"{k}={v}" for k, v in b.variant_vram_mb.items())),
+            ("quantized_variants", ", ".join(b.quantized_variants)),
+            ("peft_support", f"{b.peft_support} (default targets {', '.join(b.default_target_modules)})"),
+            ("fingerprint", b.fingerprint),
+            ("chat template", (b.chat_template_sha256 or "none")[:16]),
+        ]
+    if m.adapter:
+        a = m.adapter
+        facts += [
+            ("base", f"{a.base_ref} ({a.base_fingerprint})"),
+            ("lora", f"r={a.r} alpha={a.alpha} dropout={a.dropout}"),
+            ("target_modules", ", ".join(a.target_modules)),
+            ("parameters", f"{a.parameter_count:,}"),
+        ]
+    if m.dataset:
+        facts.append(("rows", m.dataset.get("rows")))
+    aliases = {n: f.version for n, f in store.aliases(resolved.artifact).items()}
+    facts.append(("aliases", ", ".join(f"{k}→{v}" for k, v in sorted(aliases.items())) or "-"))
+    for key, value in facts:
+        if value is not None:
+            table.add_row(f"[bold]{key}[/]", str(value))
+    console.print(table)
+    files = Table("file", "size", "sha256")
+    for f in m.files:
+        files.add_row(f.path, human_bytes(f.size), f.sha256[:16] + "…")
+    console.print(files)
+
+
+@app.command("import-base")
+def import_base(
+    source: str | None = typer.Argument(
+        None, help="A Hugging Face model folder, a .gguf file, or a hub id (hf:org/model)."
+    ),
+    default: bool = typer.Option(False, "--default", help="Import the embedded SmolLM2-135M-Instruct."),
+    name: str | None = typer.Option(None, "--name", help="Store name (default: from the source)."),
+    version: str | None = typer.Option(None, "--version", help="Version (default vYYYYMMDD-HHMM)."),
+    alias: str | None = typer.Option("current", "--alias", help="Alias to point at the new version."),
+    license: str | None = typer.Option(None, "--license", help="License of the weights."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision (hub ids only)."),
+    set_default: bool = typer.Option(False, "--set-default", help="Make it the store's default base."),
+    if_missing: bool = typer.Option(
+        False, "--if-missing", help="Do nothing when the name already has a 'current' version."
+    ),
+    root: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Import a base model into the store (safetensors + tokenizer, facts computed)."""
+    from loom.errors import NotFoundError
+    from loom.refs import parse_ref
+    from loom.store import importers
+
+    store = _store(root)
+    if if_missing:
+        wanted = importers.DEFAULT_BASE_NAME if default else name
+        if wanted is None:
+            fail("--if-missing needs --default or --name NAME")
+        try:
+            existing = store.resolve(f"{wanted}@current")
+        except NotFoundError:
+            pass
+        else:
+            if as_json:
+                print_json(existing.manifest)
+            else:
+                console.print(f"{existing.ref} is already in the store; nothing to import")
+            return
+    kw: dict[str, Any] = {"version": version, "alias": alias or None, "license": license}
+    with byte_progress("hashing") as progress:
+        kw["progress"] = progress
+        if default:
+            if source:
+                fail("give either --default or a SOURCE, not both")
+            m = importers.import_default(store, **kw)
+        elif source is None:
+            fail("nothing to import: give a SOURCE (folder, .gguf file, hf:org/model) or --default")
+            return
+        elif Path(source).expanduser().is_file():
+            m = importers.import_gguf(store, source, name, **kw)
+        elif Path(source).expanduser().is_dir():
+            m = importers.import_hf_dir(store, source, name, **kw)
+        else:
+            hub_id = source[3:] if source.startswith("hf:") else source
+            if "/" not in hub_id or source.startswith(("/", ".", "~")):
+                fail(f"{source}: no such file or folder, and not a hub id (expected hf:org/model)")
+            m = importers.import_hub(store, parse_ref(f"hf:{hub_id}").name, name, revision=revision, **kw)
+    if set_default:
+        store.set_default_base(m.name)
+    _published(m, as_json)
+
+
+@app.command("publish")
+def publish(
+    path: Path = typer.Argument(..., help="Folder (base, adapter) or data file (dataset)."),
+    kind: KindChoice = typer.Option(..., "--kind", help="What PATH holds."),
+    name: str = typer.Option(..., "--name", help="Store name."),
+    agent: str | None = typer.Option(None, "--agent", help="Agent an adapter serves (adapters only)."),
+    base: str | None = typer.Option(None, "--base", help="Base ref an adapter was trained on."),
+    version: str | None = typer.Option(None, "--version", help="Version (default vYYYYMMDD-HHMM)."),
+    alias: str | None = typer.Option(None, "--alias", help="Alias to point at the new version."),
+    license: str | None = typer.Option(None, "--license"),
+    description: str | None = typer.Option(None, "--description"),
+    root: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Publish a local folder or file as a new immutable version."""
+    from loom.store import adapters, importers
+
+    store = _store(root)
+    kw: dict[str, Any] = {
+        "version": version,
+        "alias": alias,
+        "license": license,
+        "description": description,
+    }
+    with byte_progress("hashing") as progress:
+        kw["progress"] = progress
+        if kind is KindChoice.base:
+            m = importers.import_hf_dir(store, path, name, **kw)
+        elif kind is KindChoice.adapter:
+            if not agent:
+                fail("an adapter needs --agent AGENT (the agent it serves)")
+                return
+            m = adapters.publish_adapter(store, path, agent=agent, name=name, base=base, **kw)
+        else:
+            files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+            m = adapters.publish_dataset_files(store, files, name=name, **kw)
+    _published(m, as_json)
+
+
+@app.command("verify")
+def verify(
+    ref: str | None = typer.Argument(None, help="name, name@version, or nothing for everything."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        envvar="MODEL_STORE_DRY_RUN",
+        help="Check paths, sizes, manifests, shapes; no hashing.",
+    ),
+    root: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Recompute checksums and check manifests and adapter/base fit. Exit 1 on any problem."""
+    from loom.store.verify import verify_store
+
+    store = _store(root)
+    with byte_progress("verifying") as progress:
+        reports = verify_store(store, ref, dry_run=dry_run, progress=progress)
+    bad = [r for r in reports if not r.ok]
+    if as_json:
+        print_json([{**r.__dict__, "ok": r.ok} for r in reports])
+    else:
+        table = Table("ref", "kind", "files", "bytes", "result", title=f"verify {store.url}")
+        for r in reports:
+            result = "[green]ok[/]" if r.ok else "[red]" + "\n".join(r.problems) + "[/]"
+            table.add_row(r.ref, r.kind, str(r.checked_files), human_bytes(r.checked_bytes), result)
+        console.print(table)
+        mode = " (dry run: no checksums)" if dry_run else ""
+        console.print(f"{len(reports) - len(bad)} ok, {len(bad)} with problems{mode}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@alias_app.command("set")
+def alias_set(name: str, alias: str, version: str, root: str | None = StoreOpt) -> None:
+    """Point ALIAS of NAME at VERSION (atomic)."""
+    f = _store(root).set_alias(name, alias, version)
+    console.print(f"{name}@{alias} → {f.version}")
+
+
+@alias_app.command("ls")
+def alias_ls(name: str, root: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """List the aliases of NAME with their history."""
+    store = _store(root)
+    found = store.aliases(store.find(name))
+    if as_json:
+        print_json(list(found.values()))
+        return
+    table = Table("alias", "version", "earlier", "last move")
+    for a in found.values():
+        last = a.history[-1] if a.history else None
+        moved = f"{last.action} {last.at:%Y-%m-%d %H:%M} by {last.by}" if last else ""
+        table.add_row(a.alias, a.version, ", ".join(reversed(a.previous)), moved)
+    console.print(table)
+
+
+@app.command("rollback")
+def rollback(
+    name: str,
+    alias: str = typer.Option("current", "--alias", help="Alias to move back."),
+    root: str | None = StoreOpt,
+) -> None:
+    """Move ALIAS (default current) back to its previous target."""
+    f = _store(root).rollback(name, alias)
+    console.print(f"{name}@{alias} rolled back to {f.version}")
+
+
+@app.command("gc")
+def gc(
+    keep: int | None = typer.Option(None, "--keep", help="Keep the newest N versions per artifact."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be removed."),
+    root: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Remove abandoned staging folders and (with --keep) old unaliased versions."""
+    from loom.store.gc import collect
+
+    if keep is not None and keep < 1:
+        fail(f"--keep must be at least 1 (got {keep})")
+    report = collect(_store(root), keep=keep, dry_run=dry_run)
+    if as_json:
+        print_json(report)
+        return
+    verb = "would remove" if dry_run else "removed"
+    for item in report.leftovers + report.versions:
+        console.print(f"{verb} {item}")
+    console.print(
+        f"{verb} {len(report.leftovers)} leftovers and {len(report.versions)} versions, "
+        f"{human_bytes(report.freed_bytes)}"
+    )

@@ -1,0 +1,132 @@
+"""``verify``: prove stored bytes still match their manifests.
+
+Checks per version: the manifest validates and names its folder; every
+listed file exists with the listed size and sha256; nothing unlisted is in the
+folder; adapters name a base that exists, with the same fingerprint, and
+every LoRA matrix fits that base's module shapes. ``dry_run`` skips hashing
+(paths, sizes, manifests and shapes only, no weights read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loom.errors import LoomError
+from loom.store.backends import CLAIM
+from loom.store.facts import TensorInfo, check_adapter_shapes, read_safetensors_header
+from loom.store.hashing import Progress, sha256_stream
+from loom.store.layout import ArtifactPath
+from loom.store.manifest import MANIFEST_NAME, Manifest
+from loom.store.store import Store
+
+
+@dataclass
+class VersionReport:
+    ref: str
+    kind: str
+    problems: list[str] = field(default_factory=list)
+    checked_files: int = 0
+    checked_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def tensors_of(store: Store, rel: str, manifest: Manifest) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for f in manifest.files:
+        if f.path.endswith(".safetensors"):
+            with store.backend.open_read(f"{rel}/{f.path}") as fh:
+                tensors.update(read_safetensors_header(fh, f"{rel}/{f.path}"))
+    return tensors
+
+
+def verify_version(
+    store: Store,
+    artifact: ArtifactPath,
+    version: str,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[int], Progress | None] | None = None,
+) -> VersionReport:
+    ref = f"{artifact.name}@{version}"
+    report = VersionReport(ref=ref, kind=artifact.kind)
+    rel = artifact.version_rel(version)
+    try:
+        manifest = store.manifest(artifact, version)
+    except LoomError as exc:
+        report.problems.append(str(exc))
+        return report
+    expect = (artifact.kind, artifact.name, version, artifact.agent)
+    got = (manifest.kind, manifest.name, manifest.version, manifest.agent)
+    if expect != got:
+        report.problems.append(f"{ref}: manifest says {got} but the folder is {expect}")
+    present = set(store.backend.list_files(rel)) - {MANIFEST_NAME, CLAIM}
+    listed = {f.path for f in manifest.files}
+    for extra in sorted(present - listed):
+        report.problems.append(f"{ref}: unexpected file {extra} (not in the manifest)")
+    tick = progress(manifest.total_bytes) if progress and not dry_run else None
+    for f in manifest.files:
+        path = f"{rel}/{f.path}"
+        if f.path not in present:
+            report.problems.append(f"{ref}: file {f.path} is missing")
+            continue
+        size = store.backend.size(path)
+        if size != f.size:
+            report.problems.append(f"{ref}: file {f.path} has {size} bytes, manifest says {f.size}")
+            continue
+        if not dry_run:
+            with store.backend.open_read(path) as fh:
+                digest, _ = sha256_stream(fh, tick)
+            if digest != f.sha256:
+                report.problems.append(
+                    f"{ref}: file {f.path} is corrupted (sha256 {digest[:12]}…, manifest says "
+                    f"{f.sha256[:12]}…); restore it or publish a new version"
+                )
+        report.checked_files += 1
+        report.checked_bytes += f.size
+    if manifest.kind == "adapter" and not report.problems:
+        report.problems += _adapter_fit(store, rel, manifest)
+    return report
+
+
+def _adapter_fit(store: Store, rel: str, manifest: Manifest) -> list[str]:
+    info = manifest.adapter
+    ref = f"{manifest.name}@{manifest.version}"
+    if info is None:
+        return [f"{ref}: adapter manifest has no 'adapter' section"]
+    try:
+        base = store.resolve(info.base_ref)
+    except LoomError as exc:
+        return [f"{ref}: its base {info.base_ref} cannot be found ({exc})"]
+    if base.manifest.base is None:
+        return [f"{ref}: its base {info.base_ref} is not a base model"]
+    if base.manifest.base.fingerprint != info.base_fingerprint:
+        return [
+            f"{ref}: base fingerprint {info.base_fingerprint} does not match {base.ref} "
+            f"({base.manifest.base.fingerprint}); retrain the adapter on this base"
+        ]
+    return check_adapter_shapes(
+        tensors_of(store, rel, manifest), tensors_of(store, base.rel, base.manifest), ref
+    )
+
+
+def verify_store(
+    store: Store,
+    ref: str | None = None,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[int], Progress | None] | None = None,
+) -> list[VersionReport]:
+    """Verify one ref (``name`` = every version of it; ``name@v`` = one) or everything."""
+    if ref is None:
+        targets = [(a, v) for a in store.artifacts() for v in store.versions(a)]
+    elif "@" in ref:
+        resolved = store.resolve(ref)
+        targets = [(resolved.artifact, resolved.version)]
+    else:
+        artifact = store.find(ref)
+        targets = [(artifact, v) for v in store.versions(artifact)]
+    return [verify_version(store, a, v, dry_run=dry_run, progress=progress) for a, v in targets]
