@@ -79,3 +79,23 @@ def make_lora_adapter(
                 param.normal_(0, 0.5)
     peft_model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def import_retemplated_base(store, base_ref: str, tmp: Path, name: str) -> str:  # type: ignore[no-untyped-def]
+    """Import a copy of ``base_ref`` whose chat template differs: same shapes, new fingerprint."""
+    import json
+    import shutil
+
+    from loom.store.importers import import_hf_dir
+
+    other = tmp / name
+    shutil.copytree(store.backend.local_path(store.resolve(base_ref).rel), other)
+    for p in other.iterdir():
+        p.chmod(0o644)
+    (other / "manifest.json").unlink()
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ messages }}"
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (other / "chat_template.jinja").unlink(missing_ok=True)
+    m = import_hf_dir(store, other, name, version="v1")
+    return f"{m.name}@{m.version}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from loom.errors import CompatibilityError, LoomError
 from loom.models import load_model, plan_load
 from loom.store import Store
 from loom.store.adapters import publish_adapter
-from loom.store.importers import import_hf_dir
 from loom.store.verify import verify_store
 
 
@@ -76,17 +74,9 @@ def test_adapter_for_another_base_is_refused_at_load(
     store: Store, tiny_base: str, tiny_adapter_dir: Path, tmp_path: Path
 ) -> None:
     publish_adapter(store, tiny_adapter_dir, agent="intent", name="intent-lora", version="v1")
-    # same shapes, different chat template → different fingerprint
-    other = tmp_path / "other"
-    shutil.copytree(store.backend.local_path(store.resolve(tiny_base).rel), other)
-    for p in other.iterdir():
-        p.chmod(0o644)
-    (other / "manifest.json").unlink()
-    cfg = json.loads((other / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "{{ messages }}"
-    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (other / "chat_template.jinja").unlink(missing_ok=True)
-    import_hf_dir(store, other, "other-base", version="v1")
+    from helpers import import_retemplated_base
+
+    import_retemplated_base(store, tiny_base, tmp_path, "other-base")  # same shapes, new fingerprint
     with pytest.raises(CompatibilityError, match="does not match other-base@v1"):
         plan_load("other-base@v1", ["intent-lora@v1"], store=store)
 

@@ -63,3 +63,37 @@ def test_default_files_are_safetensors_only(default_store: Store) -> None:
     names = {f.path for f in r.manifest.files}
     assert "model.safetensors" in names and not any(n.endswith((".bin", ".pt", ".gguf")) for n in names)
     assert Path(default_store.backend.local_path(r.rel), "tokenizer.json").is_file()
+
+
+def test_train_dry_run_on_snips(default_store: Store, tmp_path: Path) -> None:
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "snips_intent" / "train.jsonl"
+    if not data.is_file():
+        pytest.skip("shared data not present")
+    out = tmp_path / "dry"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--dry-run",
+            "--store",
+            default_store.url,
+            "--train-files",
+            str(data),
+            "--input-template",
+            "Intent of: {text}",
+            "--output-template",
+            '{{"intent": "{label}"}}',
+            "--agent",
+            "intent",
+            "--adapter-name",
+            "snips-intent",
+            "--output_dir",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "«" in result.output and "AddToPlaylist" in result.output  # the decoded mask is shown
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["status"] == "dry_run" and summary["data"]["rows_used"] == 2000
+    assert summary["base"]["ref"].startswith("smollm2-135m-instruct@")
+    assert summary["prompting"]["uses_chat_template"] is True

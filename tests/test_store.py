@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from loom.data.snapshot import snapshot
 from loom.errors import IntegrityError, LoomError, NotFoundError, VersionExistsError
 from loom.store import Store
-from loom.store.adapters import publish_dataset_files
 from loom.store.gc import collect
 from loom.store.importers import import_hf_dir
 from loom.store.manifest import Source
@@ -160,8 +160,11 @@ def test_gc_keep_spares_aliased_versions(store: Store) -> None:
 def test_dataset_files_snapshot(store: Store, tmp_path: Path) -> None:
     f = tmp_path / "train.jsonl"
     f.write_text("\n".join(json.dumps({"text": str(i)}) for i in range(7)) + "\n")
-    m = publish_dataset_files(store, [f], name="ds", version="v1")
-    assert m.dataset == {"rows": 7, "rows_per_file": {"train.jsonl": 7}}
+    m, created = snapshot(store, [f], name="ds", version="v1")
+    assert created and m.dataset is not None
+    assert (m.dataset["rows"], m.dataset["rows_per_source"]) == (7, {"train.jsonl": 7})
+    again, created = snapshot(store, [f], name="ds")
+    assert not created and again.version == "v1"  # same bytes → same snapshot
 
 
 def test_store_root_from_model_store_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,11 @@ import typer
 from typer.core import TyperGroup
 
 from loom import __version__
+from loom.cli import data as data_cli
 from loom.cli import store as store_cli
 from loom.cli.doctor import doctor
 from loom.cli.output import err_console
+from loom.cli.train import train
 from loom.errors import LoomError
 
 
@@ -34,6 +36,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(store_cli.app, name="store")
+app.add_typer(data_cli.app, name="data")
+app.command("train")(train)
 app.command("doctor")(doctor)
 
 

@@ -228,8 +228,10 @@ def publish(
                 return
             m = adapters.publish_adapter(store, path, agent=agent, name=name, base=base, **kw)
         else:
+            from loom.data.snapshot import snapshot
+
             files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-            m = adapters.publish_dataset_files(store, files, name=name, **kw)
+            m, _created = snapshot(store, files, name=name, reuse=False, **kw)
     _published(m, as_json)
 
 

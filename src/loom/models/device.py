@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from loom.errors import LoomError
@@ -18,7 +20,10 @@ DTYPES = {
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under `accelerate launch`/torchrun each process owns the GPU of its local rank.
+        return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LoomError(f"device {device!r} asked for, but CUDA is not available; use --device cpu")
     try:

@@ -1,4 +1,4 @@
-"""Publishing PEFT adapters and dataset files as store artifacts."""
+"""Publishing PEFT adapters as store artifacts, checked against their base."""
 
 from __future__ import annotations
 
@@ -74,32 +74,3 @@ def publish_adapter(
         source=source or Source(type="local", uri=str(src)),
         **kw,
     )
-
-
-def _count_rows(folder: Path) -> dict[str, int]:
-    rows = {}
-    for p in sorted(folder.rglob("*.jsonl")):
-        with open(p, "rb") as fh:
-            rows[p.relative_to(folder).as_posix()] = sum(1 for line in fh if line.strip())
-    return rows
-
-
-def publish_dataset_files(store: Store, paths: list[Path], *, name: str, **kw: Any) -> Manifest:
-    """Publish data files as a dataset snapshot (row counts per JSONL file)."""
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise LoomError(f"dataset files not found: {missing}")
-    names = [p.name for p in paths]
-    if len(set(names)) != len(names):
-        raise LoomError(f"dataset files must have distinct names, got {names}")
-
-    def fill(dest: Path) -> None:
-        for p in paths:
-            shutil.copy2(p, dest / p.name)
-
-    def describe(folder: Path) -> dict[str, Any]:
-        per_file = _count_rows(folder)
-        return {"dataset": {"rows": sum(per_file.values()), "rows_per_file": per_file}}
-
-    source = Source(type="local", uri=",".join(str(p.resolve()) for p in paths))
-    return store.publish("dataset", name, fill=fill, describe=describe, source=source, **kw)

@@ -1,0 +1,5 @@
+"""``python -m loom`` (also what ``accelerate launch -m loom train …`` runs)."""
+
+from loom.cli.main import main
+
+main()

@@ -1,0 +1,232 @@
+"""The adapter cache: load from the store off the decode path, LRU over slots and bytes,
+pinning, preload, explicit unload and hot-swap by version.
+
+Keys are concrete ``name@version`` refs. A bare name routes to a version
+(resolved once from the store's ``current`` alias, or set by ``swap``), so a
+hot-swap changes where *new* requests go while running requests keep the slot
+they started with (reference counts keep it resident until they finish).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from loom.engine.runner import ModelRunner
+from loom.errors import CompatibilityError, LoomError
+from loom.refs import parse_ref
+from loom.store.facts import lora_module_of
+from loom.store.store import Store
+
+ModuleWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (A, B, scale)
+
+
+@dataclass
+class AdapterWeights:
+    key: str
+    weights: ModuleWeights
+    nbytes: int
+    rank: int
+    load_seconds: float
+
+
+@dataclass
+class Resident:
+    key: str
+    slot: int
+    nbytes: int
+    rank: int
+    pinned: bool = False
+    refs: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+def read_adapter(folder: Path, key: str, runner: ModelRunner, max_rank: int) -> AdapterWeights:
+    """Read and check a PEFT LoRA folder against the runner's modules (any thread)."""
+    started = time.monotonic()
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise CompatibilityError(f"{key}: peft_type {cfg.get('peft_type')} is not LORA")
+    tensors = load_file(str(folder / "adapter_model.safetensors"), device="cpu")
+    alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
+    rslora = bool(cfg.get("use_rslora", False))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        mapped = lora_module_of(name)
+        if mapped is not None:
+            pairs.setdefault(mapped[0].removesuffix(".weight"), {})[mapped[1]] = tensor
+    weights: ModuleWeights = {}
+    rank = 0
+    for module, ab in pairs.items():
+        if module not in runner.lora_modules:
+            targets = sorted({m.rsplit(".", 1)[-1] for m in runner.lora_modules})
+            raise CompatibilityError(
+                f"{key}: targets {module}, which this engine does not serve (engine LoRA targets: "
+                f"{targets}); start the engine with lora_targets including it"
+            )
+        a, b = ab.get("A"), ab.get("B")
+        if a is None or b is None:
+            raise CompatibilityError(f"{key}: {module} has only one of lora_A/lora_B")
+        layer = runner.lora_modules[module]
+        r = a.shape[0]
+        if a.shape[1] != layer.in_features or b.shape != (layer.out_features, r):
+            raise CompatibilityError(
+                f"{key}: {module} has A {list(a.shape)} / B {list(b.shape)}, the base needs "
+                f"[r, {layer.in_features}] / [{layer.out_features}, r]"
+            )
+        if r > max_rank:
+            raise CompatibilityError(f"{key}: rank {r} exceeds the engine's max_rank {max_rank}")
+        short = module.rsplit(".", 1)[-1]
+        a_mod = alpha_pattern.get(module, alpha_pattern.get(short, alpha))
+        scale = a_mod / (r**0.5 if rslora else r)
+        weights[module] = (a, b, scale)
+        rank = max(rank, r)
+    if not weights:
+        raise CompatibilityError(f"{key}: no LoRA weights found in adapter_model.safetensors")
+    nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in weights.values())
+    return AdapterWeights(key, weights, nbytes, rank, time.monotonic() - started)
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        store: Store | None,
+        base_fingerprint: str | None,
+        max_slots: int,
+        max_bytes: int,
+        max_rank: int,
+    ) -> None:
+        self.runner, self.store, self.fingerprint = runner, store, base_fingerprint
+        self.max_slots, self.max_bytes, self.max_rank = max_slots, max_bytes, max_rank
+        self.resident: dict[str, Resident] = {}
+        self.routes: dict[str, str] = {}  # bare name -> name@version for new requests
+        self.loading: dict[str, Future[AdapterWeights]] = {}
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loom-adapter-load")
+        self.lock = threading.Lock()
+        self.counters = {"loads": 0, "load_failures": 0, "evictions": 0, "swaps": 0}
+        self.load_seconds: list[float] = []
+
+    # -- resolution (caller threads) ------------------------------------------
+    def resolve(self, ref: str) -> tuple[str, Path]:
+        """``ref`` -> (``name@version``, local folder), checking kind and base fingerprint."""
+        parsed = parse_ref(ref)
+        if parsed.kind == "path":
+            folder = Path(parsed.name)
+            if not (folder / "adapter_config.json").is_file():
+                raise LoomError(f"adapter {ref}: no adapter_config.json in that folder")
+            return f"path:{folder.resolve()}", folder
+        if parsed.kind != "store":
+            raise LoomError(f"adapter {ref}: give a store ref (name or name@version) or a local folder")
+        if self.store is None:
+            raise LoomError(f"adapter {ref}: this engine has no store; pass a local adapter folder")
+        with self.lock:
+            routed = self.routes.get(parsed.name) if parsed.selector is None else None
+        resolved = self.store.resolve(routed or ref)
+        m = resolved.manifest
+        if m.kind != "adapter" or m.adapter is None:
+            raise LoomError(f"{ref} is a {m.kind}, not an adapter")
+        if self.fingerprint and m.adapter.base_fingerprint != self.fingerprint:
+            raise CompatibilityError(
+                f"adapter {resolved.ref} was trained for base {m.adapter.base_ref} "
+                f"({m.adapter.base_fingerprint}); this engine serves {self.fingerprint}"
+            )
+        if parsed.selector is None and routed is None:
+            with self.lock:
+                self.routes.setdefault(parsed.name, resolved.ref)
+        local = self.store.backend.local_path(resolved.rel)
+        if local is None:
+            from loom.models.loading import _materialize
+
+            local = _materialize(self.store, resolved)
+        return resolved.ref, local
+
+    def request_load(self, key: str, folder: Path) -> Future[AdapterWeights] | None:
+        """Start reading ``key`` in the background unless resident or already loading."""
+        with self.lock:
+            if key in self.resident:
+                return None
+            fut = self.loading.get(key)
+            if fut is None:
+                fut = self.pool.submit(read_adapter, folder, key, self.runner, self.max_rank)
+                self.loading[key] = fut
+            return fut
+
+    # -- installation (engine thread only: slots change between steps) -------
+    def install(self, loaded: AdapterWeights, pinned: bool = False) -> Resident:
+        with self.lock:
+            self.loading.pop(loaded.key, None)
+            if loaded.key in self.resident:
+                return self.resident[loaded.key]
+            self._make_room(loaded.nbytes)
+            used = {r.slot for r in self.resident.values()}
+            slot = next(s for s in range(self.max_slots) if s not in used)
+            for module, (a, b, scale) in loaded.weights.items():
+                self.runner.lora_modules[module].set_slot(slot, a, b, scale)
+            entry = Resident(loaded.key, slot, loaded.nbytes, loaded.rank, pinned=pinned)
+            self.resident[loaded.key] = entry
+            self.counters["loads"] += 1
+            self.load_seconds.append(loaded.load_seconds)
+            return entry
+
+    def _make_room(self, nbytes: int) -> None:
+        if nbytes > self.max_bytes:
+            raise LoomError(f"adapter needs {nbytes} bytes, more than the cache's {self.max_bytes}")
+        while len(self.resident) >= self.max_slots or self.bytes + nbytes > self.max_bytes:
+            idle = [r for r in self.resident.values() if r.refs == 0 and not r.pinned]
+            if not idle:
+                raise LoomError(
+                    f"adapter cache full: {len(self.resident)} adapters resident, all pinned or in use; "
+                    f"raise max_adapters or unpin some"
+                )
+            victim = min(idle, key=lambda r: r.last_used)
+            self._evict(victim)
+
+    def _evict(self, entry: Resident) -> None:
+        for module in self.runner.lora_modules.values():
+            module.clear_slot(entry.slot)
+        del self.resident[entry.key]
+        self.counters["evictions"] += 1
+
+    def unload(self, key: str) -> bool:
+        with self.lock:
+            entry = self.resident.get(key)
+            if entry is None:
+                return False
+            if entry.refs:
+                raise LoomError(
+                    f"{key} is serving {entry.refs} running requests; unload it after they finish"
+                )
+            self._evict(entry)
+            self.counters["evictions"] -= 1  # an explicit unload is not an eviction
+            return True
+
+    def acquire(self, key: str) -> int:
+        with self.lock:
+            entry = self.resident[key]
+            entry.refs += 1
+            entry.last_used = time.monotonic()
+            return entry.slot
+
+    def release(self, key: str) -> None:
+        with self.lock:
+            entry = self.resident.get(key)
+            if entry is not None:
+                entry.refs -= 1
+
+    def route(self, name: str, key: str) -> None:
+        with self.lock:
+            self.routes[name] = key
+            self.counters["swaps"] += 1
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.nbytes for r in self.resident.values())

@@ -1,0 +1,68 @@
+"""Constrained decoding: JSON schema / JSON object / regex / Lark grammars via llguidance.
+
+llguidance (the grammar engine vLLM, SGLang and llama.cpp use) computes the
+set of tokens allowed next; we mask the rest before sampling. One matcher per
+request, driven by the scheduler through the LogitsProcessor protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from loom.errors import LoomError
+
+
+@lru_cache(maxsize=8)
+def _ll_tokenizer(tokenizer: Any, n_vocab: int) -> Any:
+    import llguidance.hf
+
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab)
+
+
+class GrammarProcessor:
+    """Masks logits to what the grammar allows; ends the request when the grammar is complete."""
+
+    def __init__(self, tokenizer: Any, grammar: str, vocab_size: int) -> None:
+        try:
+            import llguidance
+            import llguidance.torch as llt
+        except ImportError:
+            raise LoomError("constrained decoding needs llguidance: pip install llguidance") from None
+        self._llt = llt
+        self.vocab_size = vocab_size
+        self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, vocab_size), grammar)
+        if self.matcher.is_error():
+            raise LoomError(f"invalid grammar: {self.matcher.get_error()}")
+        self.bitmask = llt.allocate_token_bitmask(1, vocab_size)
+
+    @classmethod
+    def json_schema(cls, tokenizer: Any, schema: dict[str, Any] | None, vocab_size: int) -> GrammarProcessor:
+        import llguidance
+
+        text = json.dumps(schema if schema is not None else {"type": "object"})
+        return cls(tokenizer, llguidance.LLMatcher.grammar_from_json_schema(text), vocab_size)
+
+    @classmethod
+    def regex(cls, tokenizer: Any, pattern: str, vocab_size: int) -> GrammarProcessor:
+        import llguidance
+
+        return cls(tokenizer, llguidance.LLMatcher.grammar_from_regex(pattern), vocab_size)
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        self._llt.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        row = logits[: self.vocab_size].unsqueeze(0).clone()
+        self._llt.apply_token_bitmask_inplace(row, self.bitmask)
+        out = torch.full_like(logits, float("-inf"))
+        out[: self.vocab_size] = row[0]
+        return out
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise LoomError(f"token {token} rejected by the grammar: {self.matcher.get_error()}")
+
+    def is_terminated(self) -> bool:
+        return bool(self.matcher.is_stopped())

@@ -1,0 +1,299 @@
+"""The engine: one resident base, many adapters, continuous batching. No HTTP here.
+
+    engine = Engine.from_store("smollm2-135m-instruct")
+    done = engine.generate("Hello", adapter="intent-lora")           # blocking
+    async for chunk in engine.stream(messages, adapter="support@v3"):  # streaming
+        ...
+
+A background thread owns the model and runs the scheduler; callers talk to it
+through a control queue, so the public methods are safe from any thread or
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loom.engine.adapters import AdapterCache
+from loom.engine.detok import IncrementalDecoder
+from loom.engine.request import Request, Sink
+from loom.engine.runner import ATTN_TARGETS, ModelRunner
+from loom.engine.scheduler import Limits, Scheduler
+from loom.engine.types import Completion, LogitsProcessor, SamplingParams, StreamChunk
+from loom.errors import LoomError
+from loom.store.store import Store
+
+Prompt = str | list[dict[str, str]] | list[int]
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 32
+    max_seq_len: int = 512
+    kv_cache_mb: int = 1024
+    max_tokens_in_flight: int | None = None  # default: what the KV cache holds
+    max_prefill_tokens_per_step: int = 4096
+    max_adapters: int = 32  # resident slots
+    adapter_cache_mb: int = 512
+    max_rank: int = 16
+    lora_targets: tuple[str, ...] = ATTN_TARGETS
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        config: EngineConfig | None = None,
+        store: Store | None = None,
+        base_ref: str | None = None,
+        base_fingerprint: str | None = None,
+    ) -> None:
+        self.config = cfg = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.base_ref = base_ref
+        self.runner = ModelRunner(model, cfg.max_adapters, cfg.max_rank, cfg.lora_targets)
+        self.cache = self.runner.new_cache(cfg.kv_cache_mb * 2**20, cfg.max_seq_len, cfg.max_batch_size)
+        self.adapters = AdapterCache(
+            self.runner, store, base_fingerprint, cfg.max_adapters, cfg.adapter_cache_mb * 2**20, cfg.max_rank
+        )
+        limits = Limits(
+            max_batch_size=cfg.max_batch_size,
+            max_tokens_in_flight=cfg.max_tokens_in_flight or self.cache.max_seqs * cfg.max_seq_len,
+            max_prefill_tokens_per_step=cfg.max_prefill_tokens_per_step,
+        )
+        self.scheduler = Scheduler(self.runner, self.cache, self.adapters, limits, _eos_ids(model, tokenizer))
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loom-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_store(
+        cls,
+        base_ref: str | None = None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        store: Store | None = None,
+        preload: list[str] | None = None,
+        **config: Any,
+    ) -> Engine:
+        """Load the base (verified) from the store and start the engine."""
+        from loom.models.loading import load_model
+
+        store = store or Store()
+        loaded = load_model(base_ref, store=store, device=device, dtype=dtype)
+        base = loaded.plan.base
+        engine = cls(
+            loaded.model,
+            loaded.tokenizer,
+            config=EngineConfig(**config),
+            store=store,
+            base_ref=loaded.plan.base_ref,
+            base_fingerprint=base.manifest.base.fingerprint if base and base.manifest.base else None,
+        )
+        for ref in preload or []:
+            engine.load_adapter(ref, pin=True)
+        return engine
+
+    # ------------------------------------------------------------- requests
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        elif prompt and isinstance(prompt[0], dict):
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise LoomError("empty prompt: give some text, chat messages or token ids")
+        return [int(i) for i in ids]
+
+    def submit(
+        self,
+        prompt: Prompt,
+        *,
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        logits_processor: LogitsProcessor | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Queue a request; its chunks arrive on ``request.sink``. Raises on bad input."""
+        params = params or SamplingParams()
+        params.validate()
+        ids = self._tokenize(prompt)
+        if len(ids) + params.max_new_tokens > self.cache.max_len:
+            raise LoomError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"engine's max_seq_len {self.cache.max_len}; shorten the prompt or lower max_new_tokens"
+            )
+        key, folder = self.adapters.resolve(adapter) if adapter else (None, None)
+        req = Request(
+            id=request_id or f"req-{next(self._ids)}",
+            prompt_ids=ids,
+            params=params,
+            adapter_ref=adapter,
+            adapter_key=key,
+            sink=Sink(loop),
+            decoder=IncrementalDecoder(self.tokenizer),
+            processor=logits_processor,
+        )
+        if params.seed is not None:
+            req.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        if folder is not None:
+            req.meta["adapter_folder"] = folder
+        self.scheduler.control.put(lambda: self.scheduler.add(req))
+        return req
+
+    def generate(self, prompt: Prompt, *, adapter: str | None = None, **kw: Any) -> Completion:
+        """Blocking: submit and wait for the completion."""
+        req = self.submit(prompt, adapter=adapter, **kw)
+        while True:
+            chunk = req.sink.squeue.get()
+            if chunk.finished and chunk.completion is not None:
+                return chunk.completion
+
+    def generate_many(self, prompts: list[tuple[Prompt, str | None]], **kw: Any) -> list[Completion]:
+        """Blocking: submit all (prompt, adapter) pairs at once, so they batch together."""
+        reqs = [self.submit(p, adapter=a, **kw) for p, a in prompts]
+        out = []
+        for req in reqs:
+            while True:
+                chunk = req.sink.squeue.get()
+                if chunk.finished and chunk.completion is not None:
+                    out.append(chunk.completion)
+                    break
+        return out
+
+    async def stream(
+        self, prompt: Prompt, *, adapter: str | None = None, **kw: Any
+    ) -> AsyncIterator[StreamChunk]:
+        """Async iterator of text chunks; cancelling the iteration cancels the request."""
+        req = self.submit(prompt, adapter=adapter, loop=asyncio.get_running_loop(), **kw)
+        assert req.sink.aqueue is not None
+        finished = False
+        try:
+            while not finished:
+                chunk = await req.sink.aqueue.get()
+                finished = chunk.finished
+                yield chunk
+        finally:
+            if not finished:  # the consumer stopped early (disconnect, break, cancel)
+                self.cancel(req.id)
+
+    async def agenerate(self, prompt: Prompt, *, adapter: str | None = None, **kw: Any) -> Completion:
+        async for chunk in self.stream(prompt, adapter=adapter, **kw):
+            if chunk.finished and chunk.completion is not None:
+                return chunk.completion
+        raise LoomError("stream ended without a completion")
+
+    def cancel(self, request_id: str) -> None:
+        self.scheduler.control.put(lambda: self.scheduler.cancel(request_id))
+
+    def json_processor(self, schema: dict[str, Any] | None = None) -> LogitsProcessor:
+        """A per-request processor forcing JSON (matching ``schema`` when given)."""
+        from loom.engine.constrained import GrammarProcessor
+
+        return GrammarProcessor.json_schema(self.tokenizer, schema, self.runner.vocab_size)
+
+    def regex_processor(self, pattern: str) -> LogitsProcessor:
+        from loom.engine.constrained import GrammarProcessor
+
+        return GrammarProcessor.regex(self.tokenizer, pattern, self.runner.vocab_size)
+
+    # ------------------------------------------------------------- adapters
+    def _on_engine_thread(self, fn: Any, timeout: float = 120.0) -> Any:
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except Exception as exc:
+                box["error"] = exc
+            done.set()
+
+        self.scheduler.control.put(run)
+        if not done.wait(timeout):
+            raise LoomError(f"the engine did not answer within {timeout:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def load_adapter(self, ref: str, pin: bool = False) -> str:
+        """Load (blocking) and return the concrete key ``name@version``."""
+        key, folder = self.adapters.resolve(ref)
+        if key not in self.adapters.resident:
+            from loom.engine.adapters import read_adapter
+
+            weights = read_adapter(folder, key, self.runner, self.config.max_rank)
+            self._on_engine_thread(lambda: self.adapters.install(weights, pinned=pin))
+        elif pin:
+            self.adapters.resident[key].pinned = True
+        return key
+
+    def unload_adapter(self, ref: str) -> bool:
+        key = (
+            self.adapters.resolve(ref)[0] if "@" in ref or "/" in ref else self.adapters.routes.get(ref, ref)
+        )
+        return bool(self._on_engine_thread(lambda: self.adapters.unload(key)))
+
+    def swap_adapter(self, name: str, version: str) -> str:
+        """Hot-swap: load ``name@version``, then route new requests for ``name`` to it.
+
+        Requests already running finish on the version they started with."""
+        key = self.load_adapter(f"{name}@{version}")
+        self.adapters.route(name, key)
+        return key
+
+    # ------------------------------------------------------------- status
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler.stats()
+        s.update(
+            resident_adapters=sorted(self.adapters.resident),
+            adapter_counters=dict(self.adapters.counters),
+            adapter_bytes=self.adapters.bytes,
+            kv_cache_bytes=self.cache.nbytes,
+            kv_cache_slots=self.cache.max_seqs,
+            max_seq_len=self.cache.max_len,
+            device=str(self.runner.device),
+            dtype=str(self.runner.dtype).removeprefix("torch."),
+            base=self.base_ref,
+        )
+        return s
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scheduler.step(block=True)
+            except Exception as exc:  # keep serving: fail the running batch, not the engine
+                self.scheduler.fail_running(f"engine error: {exc}")
+                time.sleep(0.01)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

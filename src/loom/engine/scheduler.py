@@ -1,0 +1,259 @@
+"""Continuous batching: requests join and leave the running batch at token boundaries.
+
+One loop iteration: apply control messages (new requests, cancels, adapter
+commands), install adapters that finished loading, admit waiting requests
+first-come-first-served while slots and the token budget allow (a request
+whose adapter is still loading is passed over, never blocking the others, and
+keeps its place), prefill them, then one decode step for every running row.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loom.engine.adapters import AdapterCache, AdapterWeights
+from loom.engine.kv_cache import KVCache
+from loom.engine.request import Request
+from loom.engine.runner import ModelRunner
+from loom.engine.sampling import sample
+from loom.engine.types import FinishReason, StreamChunk
+
+
+@dataclass
+class Limits:
+    max_batch_size: int
+    max_tokens_in_flight: int
+    max_prefill_tokens_per_step: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        cache: KVCache,
+        adapters: AdapterCache,
+        limits: Limits,
+        eos_ids: set[int],
+    ) -> None:
+        self.runner, self.cache, self.adapters, self.limits = runner, cache, adapters, limits
+        self.eos_ids = eos_ids
+        self.control: queue.Queue[Callable[[], None]] = queue.Queue()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # row i uses cache slot i
+        self.pending_loads: dict[str, Future[AdapterWeights]] = {}
+        self.steps = 0
+        self.tokens_out = 0
+
+    # ------------------------------------------------------------------ loop
+    def step(self, block: bool) -> bool:
+        """One iteration; returns True when it did any model work."""
+        self._drain_control(block and not self.running and not self.waiting)
+        self._install_loaded()
+        self._admit()
+        self._reap()  # a request can finish on its first token (eos, max_new_tokens=1)
+        if not self.running:
+            return False
+        self._decode()
+        return True
+
+    def _drain_control(self, block: bool) -> None:
+        try:
+            fn = self.control.get(timeout=0.05) if block else self.control.get_nowait()
+        except queue.Empty:
+            return
+        fn()
+        while True:
+            try:
+                self.control.get_nowait()()
+            except queue.Empty:
+                return
+
+    def add(self, req: Request) -> None:
+        """Engine thread: queue a request (and its adapter load)."""
+        if req.adapter_key is None or req.adapter_key in self.adapters.resident:
+            req.ready = True
+        else:
+            fut = self.adapters.request_load(req.adapter_key, req.meta.pop("adapter_folder"))
+            if fut is not None:
+                self.pending_loads[req.adapter_key] = fut
+            else:
+                req.ready = True
+        self.waiting.append(req)
+
+    def cancel(self, request_id: str) -> None:
+        for req in list(self.waiting):
+            if req.id == request_id:
+                self.waiting.remove(req)
+                self._finish_waiting(req, "cancelled")
+                return
+        for req in self.running:
+            if req.id == request_id:
+                req.cancelled = True
+
+    def _install_loaded(self) -> None:
+        for key, fut in list(self.pending_loads.items()):
+            if not fut.done():
+                continue
+            del self.pending_loads[key]
+            error = None
+            try:
+                self.adapters.install(fut.result())
+            except Exception as exc:  # a bad adapter fails its requests, never the engine
+                self.adapters.loading.pop(key, None)
+                self.adapters.counters["load_failures"] += 1
+                error = str(exc)
+            for req in list(self.waiting):
+                if req.adapter_key == key:
+                    if error is None:
+                        req.ready = True
+                    else:
+                        req.error = error
+                        self.waiting.remove(req)
+                        self._finish_waiting(req, "error")
+
+    def _admit(self) -> None:
+        in_flight = sum(r.budget_tokens for r in self.running)
+        prefill_tokens = 0
+        max_rows = min(self.limits.max_batch_size, self.cache.max_seqs)
+        for req in list(self.waiting):
+            if len(self.running) >= max_rows:
+                break
+            if not req.ready:
+                continue  # keeps its place; others proceed meanwhile
+            if req.adapter_key is not None and req.adapter_key not in self.adapters.resident:
+                # evicted while waiting (cache pressure): load it again
+                req.ready = False
+                self.add_load(req)
+                continue
+            if in_flight + req.budget_tokens > self.limits.max_tokens_in_flight and self.running:
+                break  # FCFS: do not let later, smaller requests overtake
+            if (
+                prefill_tokens
+                and prefill_tokens + len(req.prompt_ids) > self.limits.max_prefill_tokens_per_step
+            ):
+                break
+            self.waiting.remove(req)
+            in_flight += req.budget_tokens
+            prefill_tokens += len(req.prompt_ids)
+            self._prefill(req)
+
+    def add_load(self, req: Request) -> None:
+        key = req.adapter_key
+        assert key is not None
+        folder = self.adapters.resolve(key)[1]
+        fut = self.adapters.request_load(key, folder)
+        if fut is not None:
+            self.pending_loads[key] = fut
+        else:
+            req.ready = True
+
+    def _prefill(self, req: Request) -> None:
+        req.slot = self.adapters.acquire(req.adapter_key) if req.adapter_key else -1
+        row = len(self.running)
+        self.running.append(req)
+        logits = self.runner.prefill(self.cache, row, req.prompt_ids, req.slot)
+        self._accept(req, logits)
+
+    def _decode(self) -> None:
+        rows = self.running
+        tokens = [r.generated[-1] for r in rows]
+        positions = [r.position for r in rows]
+        logits = self.runner.decode(self.cache, tokens, positions, [r.slot for r in rows])
+        self.steps += 1
+        for i, req in enumerate(list(rows)):
+            self._accept(req, logits[i])
+        self._reap()
+
+    def _accept(self, req: Request, logits: torch.Tensor) -> None:
+        """Sample the next token for ``req`` and stream any completed text."""
+        if req.cancelled:
+            return
+        seen = req.prompt_ids + req.generated
+        if req.processor is not None:
+            logits = req.processor(req.generated, logits)
+        token = sample(logits, req.params, seen, req.generator)
+        now = time.monotonic()
+        if req.first_token_at is None:
+            req.first_token_at = now
+        req.token_times.append(now)
+        req.generated.append(token)
+        self.tokens_out += 1
+        if req.processor is not None:
+            req.processor.accept(token)
+        is_eos = token in self.eos_ids and not req.params.ignore_eos
+        stop_id = token in req.params.stop_token_ids
+        if not (is_eos or stop_id):
+            req.decoder.push(token)
+        text = req.decoder.text
+        stop_at = _find_stop(text, req.params.stop)
+        if stop_at is not None:
+            req.meta["finish"] = ("stop", text[:stop_at])
+        elif is_eos or stop_id or (req.processor is not None and req.processor.is_terminated()):
+            req.meta["finish"] = ("stop", text + req.decoder.flush())
+        elif len(req.generated) >= req.params.max_new_tokens or req.position + 1 >= self.cache.max_len:
+            req.meta["finish"] = ("length", text + req.decoder.flush())
+        else:
+            hold = max((len(s) for s in req.params.stop), default=1) - 1  # a stop string may be forming
+            self._emit(req, text[: max(req.emitted_chars, len(text) - hold)], [token])
+
+    def _emit(self, req: Request, visible: str, ids: list[int], finished: bool = False, **kw: Any) -> None:
+        new = visible[req.emitted_chars :]
+        req.emitted_chars = len(visible)
+        if new or finished:
+            req.sink.put(StreamChunk(req.id, new, ids, finished=finished, **kw))
+
+    def _reap(self) -> None:
+        """Finish done or cancelled rows; keep running rows in slots 0..n-1."""
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            if req.cancelled:
+                req.meta["finish"] = ("cancelled", req.decoder.text)
+            if "finish" not in req.meta:
+                i += 1
+                continue
+            reason, text = req.meta.pop("finish")
+            completion = req.completion(reason, text)
+            self._emit(req, text, [], finished=True, completion=completion)
+            if req.adapter_key:
+                self.adapters.release(req.adapter_key)
+            last = len(self.running) - 1
+            if i != last:
+                moved = self.running[last]
+                self.cache.move(last, i, moved.position + 1)
+                self.running[i] = moved
+            self.running.pop()
+
+    def fail_running(self, message: str) -> None:
+        """After an unexpected error in a step: end every running request with it."""
+        for req in self.running:
+            req.error = message
+            req.meta["finish"] = ("error", req.decoder.text)
+        self._reap()
+
+    def _finish_waiting(self, req: Request, reason: FinishReason) -> None:
+        completion = req.completion(reason, "")
+        req.sink.put(StreamChunk(req.id, "", [], finished=True, completion=completion))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queue_depth": len(self.waiting),
+            "batch_size": len(self.running),
+            "tokens_in_flight": sum(r.budget_tokens for r in self.running),
+            "steps": self.steps,
+            "tokens_generated": self.tokens_out,
+            "adapters_loading": len(self.pending_loads),
+        }
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None

@@ -1,0 +1,163 @@
+"""The TRL + PEFT part: load weights, wrap with LoRA (QLoRA on CUDA), SFTTrainer.fit."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from loom.errors import LoomError
+from loom.train.config import TrainConfig
+from loom.train.progress import LossLog, RichProgress
+from loom.train.tokenize import Tokenized
+
+
+def _dataset(items: list[Tokenized]) -> Any:
+    from datasets import Dataset
+
+    # Pre-tokenized with our own labels: TRL skips its own tokenization and
+    # masking, and packs/pads these columns as they are.
+    return Dataset.from_list([{"input_ids": t.input_ids, "labels": t.labels} for t in items])
+
+
+def _load_model(cfg: TrainConfig, path: str, device: Any, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
+    if cfg.qlora:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kw["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    # Training never reuses a KV cache, and with a cache object present transformers
+    # skips the block-diagonal mask that keeps packed sequences apart.
+    model.config.use_cache = False
+    if cfg.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    else:
+        model.to(device)
+    return model
+
+
+def fit(
+    cfg: TrainConfig,
+    base_path: str,
+    tokenizer: Any,
+    items: list[Tokenized],
+    eval_items: list[Tokenized],
+    targets: list[str],
+    device: Any,
+    dtype: Any,
+    out_dir: Path,
+    console: Console,
+) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    if cfg.resume and (not out_dir.is_dir() or get_last_checkpoint(str(out_dir)) is None):
+        raise LoomError(
+            f"--resume: no checkpoint-* folder in {out_dir} to resume from; "
+            f"drop --resume or point --output_dir at the interrupted run"
+        )
+    torch.manual_seed(cfg.seed)
+    model = _load_model(cfg, base_path, device, dtype)
+    lora = LoraConfig(
+        r=cfg.adapter_r,
+        lora_alpha=cfg.adapter_alpha,
+        lora_dropout=cfg.adapter_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    args = SFTConfig(
+        output_dir=str(out_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.train_batch_size,
+        per_device_eval_batch_size=cfg.train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        seed=cfg.seed,
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        bf16=dtype == torch.bfloat16 and device.type == "cuda",
+        fp16=dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        # Checkpointing trades ~30% more compute for activation memory: worth it
+        # on GPUs, not on CPUs where memory is plentiful and compute is scarce.
+        gradient_checkpointing=device.type == "cuda",
+        dataloader_num_workers=0,
+    )
+    log = LossLog()
+    if not _is_peft(model):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(items),
+        eval_dataset=_dataset(eval_items) if eval_items else None,
+        processing_class=tokenizer,
+        callbacks=[log, RichProgress(console)],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # logs go to our bar and loss.csv, not stdout
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+    seconds = time.monotonic() - started
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_items else None
+    if eval_loss is not None:
+        log.rows.append(
+            {
+                "step": trainer.state.global_step,
+                "epoch": trainer.state.epoch,
+                "loss": None,
+                "eval_loss": eval_loss,
+                "learning_rate": None,
+                "tokens_seen": trainer.state.num_input_tokens_seen,
+                "elapsed_s": None,
+            }
+        )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    log.write_csv(out_dir / "loss.csv")
+    log.write_png(out_dir / "loss.png", f"{cfg.adapter_name or 'adapter'}: loss")
+    train_losses = [r["loss"] for r in log.rows if r.get("loss") is not None]
+    tokens_seen = int(trainer.state.num_input_tokens_seen)
+    return {
+        "steps": trainer.state.global_step,
+        "epochs_done": round(float(trainer.state.epoch or 0), 4),
+        "train_seconds": round(seconds, 3),
+        "final_train_loss": train_losses[-1] if train_losses else result.training_loss,
+        "mean_train_loss": result.training_loss,
+        "final_eval_loss": eval_loss,
+        "tokens_seen": tokens_seen,
+        "tokens_per_second": round(tokens_seen / seconds, 1) if seconds else None,
+    }
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")

@@ -1,0 +1,294 @@
+"""The engine against a PEFT reference on the tiny random Mistral: same greedy tokens,
+logits within 1e-4 (fp32), mixed batches of adapters with different ranks and
+targets, stop strings, cancellation, hot-swap, bad adapters, eviction."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from loom.engine import Engine, SamplingParams
+from loom.engine.detok import IncrementalDecoder
+from loom.errors import CompatibilityError, LoomError
+from loom.store import Store
+from loom.store.adapters import publish_adapter
+
+PROMPTS = ["play some music", "what is the weather", "book a table for two", "the quick brown fox"]
+ADAPTERS = {  # name: (seed, rank, targets)
+    "qv4": (11, 4, ("q_proj", "v_proj")),
+    "all8": (12, 8, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "o2": (13, 2, ("o_proj",)),
+}
+
+
+@pytest.fixture(scope="module")
+def engine_store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Store:
+    from helpers import make_lora_adapter
+
+    from loom.store.importers import import_hf_dir
+
+    root = tmp_path_factory.mktemp("engine")
+    store = Store(root / "store")
+    import_hf_dir(store, tiny_dir, "tiny", version="v1", alias="current")
+    for name, (seed, r, targets) in ADAPTERS.items():
+        folder = make_lora_adapter(tiny_dir, root / name, seed=seed, r=r, targets=targets)
+        publish_adapter(store, folder, agent="test", name=name, base="tiny@v1", version="v1", alias="current")
+    swap = make_lora_adapter(tiny_dir, root / "qv4-v2", seed=99, r=4, targets=("q_proj", "v_proj"))
+    publish_adapter(store, swap, agent="test", name="qv4", base="tiny@v1", version="v2")
+    return store
+
+
+@pytest.fixture(scope="module")
+def engine(engine_store: Store) -> Iterator[Engine]:
+    eng = Engine.from_store(
+        "tiny",
+        device="cpu",
+        store=engine_store,
+        max_batch_size=8,
+        max_seq_len=128,
+        kv_cache_mb=16,
+        max_adapters=4,
+        max_rank=8,
+    )
+    yield eng
+    eng.shutdown()
+
+
+def peft_model(store: Store, adapter: str | None) -> tuple[object, object]:
+    from loom.models import load_model
+
+    loaded = load_model("tiny@v1", [adapter] if adapter else [], store=store, device="cpu")
+    return loaded.model, loaded.tokenizer
+
+
+def reference(store: Store, adapter: str | None, prompt: str, n: int, eos: set[int]) -> list[int]:
+    model, tok = peft_model(store, adapter)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(  # type: ignore[attr-defined]
+            **ids, max_new_tokens=n, do_sample=False, eos_token_id=sorted(eos), pad_token_id=0
+        )
+    gen = out[0, ids["input_ids"].shape[1] :].tolist()
+    return gen
+
+
+def test_single_requests_match_peft_token_for_token(engine: Engine, engine_store: Store) -> None:
+    eos = engine.scheduler.eos_ids
+    for adapter in [None, "qv4@v1", "all8@v1", "o2@v1"]:
+        done = engine.generate(PROMPTS[0], adapter=adapter, params=SamplingParams(max_new_tokens=12))
+        assert done.finish_reason in {"stop", "length"} and done.error is None
+        assert done.token_ids == reference(engine_store, adapter, PROMPTS[0], 12, eos), adapter
+
+
+def test_mixed_batch_matches_peft(engine: Engine, engine_store: Store) -> None:
+    eos = engine.scheduler.eos_ids
+    jobs = [(PROMPTS[i % 4], a) for i, a in enumerate(["qv4@v1", None, "all8@v1", "o2@v1", None, "qv4@v1"])]
+    results = engine.generate_many(jobs, params=SamplingParams(max_new_tokens=10))
+    for (prompt, adapter), done in zip(jobs, results, strict=True):
+        assert done.adapter == adapter
+        assert done.token_ids == reference(engine_store, adapter, prompt, 10, eos), (prompt, adapter)
+
+
+def test_logits_agree_with_peft_within_1e4(engine: Engine, engine_store: Store) -> None:
+    runner, cache = engine.runner, engine.cache
+    for adapter in ["qv4@v1", "all8@v1", "o2@v1", None]:
+        model, tok = peft_model(engine_store, adapter)
+        ids = tok(PROMPTS[1], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids])).logits[0].float()  # type: ignore[operator]
+        slot = engine.adapters.resident[engine.load_adapter(adapter)].slot if adapter else -1
+
+        def prefill_then_decode(ids: list[int] = ids, slot: int = slot) -> tuple[torch.Tensor, torch.Tensor]:
+            # row 0 of a spare cache area is fine: the engine is idle between tests
+            first = runner.prefill(cache, 0, ids[:-1], slot)
+            last = runner.decode(cache, [ids[-1]], [len(ids) - 1], [slot])[0]
+            return first, last
+
+        first, last = engine._on_engine_thread(prefill_then_decode)
+        assert torch.allclose(first, ref[-2], atol=1e-4), (adapter, (first - ref[-2]).abs().max())
+        assert torch.allclose(last, ref[-1], atol=1e-4), (adapter, (last - ref[-1]).abs().max())
+
+
+def test_stop_strings_and_max_tokens(engine: Engine) -> None:
+    free = engine.generate(PROMPTS[2], params=SamplingParams(max_new_tokens=20, ignore_eos=True))
+    assert free.finish_reason == "length" and len(free.token_ids) == 20
+    stop = free.text[3:6]
+    assert stop.strip(), free.text
+    cut = engine.generate(PROMPTS[2], params=SamplingParams(max_new_tokens=20, ignore_eos=True, stop=[stop]))
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
+
+
+def test_streaming_and_cancellation(engine: Engine) -> None:
+    async def run() -> tuple[str, str, str]:
+        chunks = []
+        async for chunk in engine.stream(
+            PROMPTS[3], params=SamplingParams(max_new_tokens=16, ignore_eos=True)
+        ):
+            chunks.append(chunk)
+        streamed = "".join(c.text for c in chunks)
+        final = chunks[-1].completion
+        assert final is not None
+        req = engine.submit(PROMPTS[3], params=SamplingParams(max_new_tokens=100, ignore_eos=True))
+        while req.sink.squeue.empty():
+            await asyncio.sleep(0.001)
+        engine.cancel(req.id)
+        while True:
+            c = req.sink.squeue.get(timeout=10)
+            if c.finished:
+                assert c.completion is not None
+                return streamed, final.text, c.completion.finish_reason
+
+    streamed, text, reason = asyncio.run(run())
+    assert streamed == text and reason == "cancelled"
+
+
+def test_hot_swap_while_decoding(engine: Engine, engine_store: Store) -> None:
+    eos = engine.scheduler.eos_ids
+    engine.adapters.routes.pop("qv4", None)
+    old = engine.submit(PROMPTS[0], adapter="qv4", params=SamplingParams(max_new_tokens=40, ignore_eos=True))
+    while old.sink.squeue.qsize() < 2:  # it is decoding on v1
+        time.sleep(0.001)
+    assert engine.swap_adapter("qv4", "v2") == "qv4@v2"
+    new = engine.generate(PROMPTS[0], adapter="qv4", params=SamplingParams(max_new_tokens=10))
+    while True:
+        chunk = old.sink.squeue.get(timeout=30)
+        if chunk.finished:
+            first = chunk.completion
+            break
+    assert first is not None and first.adapter == "qv4@v1" and first.error is None
+    assert first.token_ids[:10] == reference(engine_store, "qv4@v1", PROMPTS[0], 10, set())  # no eos stop
+    assert new.adapter == "qv4@v2"
+    assert new.token_ids == reference(engine_store, "qv4@v2", PROMPTS[0], 10, eos)
+    engine.swap_adapter("qv4", "v1")
+
+
+def test_bad_adapter_is_refused_while_others_run(engine: Engine, tmp_path: Path, tiny_dir: Path) -> None:
+    from helpers import make_lora_adapter, make_tiny_mistral
+
+    wide = make_lora_adapter(make_tiny_mistral(tmp_path / "wide", hidden=96), tmp_path / "wide-lora")
+    running = engine.submit(PROMPTS[1], params=SamplingParams(max_new_tokens=30, ignore_eos=True))
+    bad = engine.submit(PROMPTS[1], adapter=str(wide))
+    got = bad.sink.squeue.get(timeout=30)
+    assert got.finished and got.completion and got.completion.finish_reason == "error"
+    assert "the base needs" in (got.completion.error or "")
+    while True:
+        chunk = running.sink.squeue.get(timeout=30)
+        if chunk.finished:
+            assert chunk.completion and chunk.completion.finish_reason == "length"
+            break
+    with pytest.raises(CompatibilityError):
+        engine.load_adapter(str(wide))
+
+
+def test_lru_eviction_and_pinning(engine_store: Store) -> None:
+    eng = Engine.from_store(
+        "tiny",
+        device="cpu",
+        store=engine_store,
+        max_batch_size=4,
+        max_seq_len=64,
+        kv_cache_mb=4,
+        max_adapters=2,
+        max_rank=8,
+    )
+    try:
+        eng.load_adapter("qv4@v1", pin=True)
+        for name in ["all8@v1", "o2@v1", "all8@v1"]:
+            assert (
+                eng.generate(PROMPTS[0], adapter=name, params=SamplingParams(max_new_tokens=2)).error is None
+            )
+        stats = eng.stats()
+        assert "qv4@v1" in stats["resident_adapters"] and len(stats["resident_adapters"]) == 2
+        assert stats["adapter_counters"]["evictions"] >= 2
+        assert eng.unload_adapter("qv4@v1") and "qv4@v1" not in eng.stats()["resident_adapters"]
+    finally:
+        eng.shutdown()
+
+
+def test_bad_requests_are_clear_errors(engine: Engine) -> None:
+    with pytest.raises(LoomError, match="max_seq_len"):
+        engine.submit("x " * 200, params=SamplingParams(max_new_tokens=10))
+    with pytest.raises(LoomError, match="temperature"):
+        engine.submit("hi", params=SamplingParams(temperature=-1))
+    with pytest.raises(LoomError, match="no artifact named 'nope'"):
+        engine.submit("hi", adapter="nope")
+
+
+def test_incremental_decoding_never_splits_characters(tiny_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    text = "héllo 🙂 wörld — ünïcode ✓"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(ids) == text
+
+
+def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+    p = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=5, ignore_eos=True)
+    a = engine.generate(PROMPTS[0], params=p)
+    b = engine.generate(PROMPTS[0], params=SamplingParams(**{**p.__dict__}))
+    assert a.token_ids == b.token_ids
+
+
+def test_json_schema_constrained_output(engine: Engine) -> None:
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"intent": {"enum": ["PlayMusic", "GetWeather"]}},
+        "required": ["intent"],
+        "additionalProperties": False,
+    }
+    done = engine.generate(
+        PROMPTS[0], params=SamplingParams(max_new_tokens=40), logits_processor=engine.json_processor(schema)
+    )
+    assert done.finish_reason == "stop", done
+    assert json.loads(done.text)["intent"] in {"PlayMusic", "GetWeather"}
+    free = engine.generate(PROMPTS[0], params=SamplingParams(max_new_tokens=40))
+    with pytest.raises(ValueError):
+        json.loads(free.text)  # the random model does not write JSON by itself
+
+
+def test_regex_constrained_output(engine: Engine) -> None:
+    import re
+
+    done = engine.generate(
+        PROMPTS[1],
+        params=SamplingParams(max_new_tokens=20),
+        logits_processor=engine.regex_processor(r"[0-9]{3}"),
+    )
+    assert re.fullmatch(r"[0-9]{3}", done.text), done.text
+
+
+def test_breaking_out_of_a_stream_cancels_the_request(engine: Engine) -> None:
+    async def run() -> None:
+        async for _chunk in engine.stream(
+            PROMPTS[2], params=SamplingParams(max_new_tokens=100, ignore_eos=True)
+        ):
+            break
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 10
+    while engine.stats()["batch_size"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["batch_size"] == 0 and engine.stats()["tokens_generated"] < 10_000
+
+
+def test_adapter_for_another_base_is_refused_at_submit(
+    engine: Engine, engine_store: Store, tmp_path: Path
+) -> None:
+    from helpers import import_retemplated_base
+
+    import_retemplated_base(engine_store, "tiny@v1", tmp_path, "other-base")
+    adapter = engine_store.backend.local_path(engine_store.resolve("qv4@v1").rel)
+    publish_adapter(engine_store, adapter, agent="test", name="foreign", base="other-base@v1", version="v1")
+    with pytest.raises(CompatibilityError, match="this engine serves"):
+        engine.submit(PROMPTS[0], adapter="foreign@v1")
