@@ -238,12 +238,13 @@ def run_loom_row(
 
 
 def measure_floor(params: int, weight_bytes: int, batch: int) -> dict[str, float]:
-    big = torch.empty(256 * 2**20 // 4)
-    big.fill_(1.0)
+    big, dst = torch.ones(64 * 2**20), torch.empty(64 * 2**20)
+    dst.copy_(big)
     t = time.monotonic()
-    for _ in range(5):
-        big.clone()
-    bandwidth = 5 * 2 * big.numel() * 4 / (time.monotonic() - t)  # read + write
+    for _ in range(10):
+        dst.copy_(big)
+    bandwidth = 10 * 2 * big.numel() * 4 / (time.monotonic() - t)  # read + write
+    # the best rate a large square fp32 matmul reaches on this machine
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
     t = time.monotonic()
@@ -254,18 +255,9 @@ def measure_floor(params: int, weight_bytes: int, batch: int) -> dict[str, float
     return {"bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9, "floor_step_ms": step * 1000}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="16 requests x 32 tokens, same six rows")
-    ap.add_argument("--requests", type=int, default=None)
-    ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    n = args.requests or (16 if args.quick else 32)
-    new = args.new_tokens or (32 if args.quick else 64)
-    total_adapters = 200 if args.quick else 1000
-    resident = 32 if args.quick else 128
-    torch.manual_seed(0)
+def run_part(part: str, n: int, new: int, total_adapters: int, resident: int) -> dict[str, Any]:
+    """One process per part: HF/PEFT rows, or Loom rows (torch thread pools never mix)."""
+    from transformers import AutoTokenizer
 
     from loom.engine import Engine
     from loom.models.loading import plan_load
@@ -273,22 +265,16 @@ def main() -> None:
     store = Store()
     plan = plan_load(None, store=store, verify=False)
     base_ref = plan.base_ref
-    base_info = plan.base.manifest.base if plan.base else None
-    assert base_info is not None
     rows_text = [json.loads(x)["text"] for x in DATA.read_text().splitlines() if x][:n]
-    print(f"preparing {total_adapters} random rank-{RANK} adapters in {store.url} (once) ...", flush=True)
     all_refs = make_adapters(store, base_ref, total_adapters)
     eight = all_refs[:8]
-
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(plan.base_path)
     prompts = [
         tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
         for t in rows_text
     ]
-    results = run_hf_rows(plan.base_path, eight, store, prompts, new)
-
+    if part == "hf":
+        return {"rows": run_hf_rows(plan.base_path, eight, store, prompts, new)}
     kv_mb, adapter_mb = 1024, 2048
     engine = Engine.from_store(
         base_ref,
@@ -301,8 +287,8 @@ def main() -> None:
         adapter_cache_mb=adapter_mb,
         max_rank=RANK,
     )
-    engine.generate(prompts[0], params=None)  # warm-up
-    results.append(run_loom_row(engine, "4. Loom, base only", prompts, [None] * n, new))
+    engine.generate(prompts[0])  # warm-up
+    results = [run_loom_row(engine, "4. Loom, base only", prompts, [None] * n, new)]
     for ref in eight:
         engine.load_adapter(ref)
     results.append(
@@ -316,17 +302,55 @@ def main() -> None:
     for ref in all_refs[28:resident]:
         engine.load_adapter(ref)
     rng = random.Random(0)
+    picks: list[str | None] = [rng.choice(all_refs) for _ in range(n)]
     results.append(
-        run_loom_row(
-            engine,
-            f"6. Loom, {resident} resident of {total_adapters}, random",
-            prompts,
-            [rng.choice(all_refs) for _ in range(n)],
-            new,
-        )
+        run_loom_row(engine, f"6. Loom, {resident} resident of {total_adapters}, random", prompts, picks, new)
     )
     stats = engine.stats()
     engine.shutdown()
+    budget_ok = {
+        "KV cache within budget": stats["kv_cache_bytes"] <= kv_mb * 2**20,
+        "adapters within budget": stats["adapter_bytes"] <= adapter_mb * 2**20,
+    }
+    return {"rows": results, "cold": cold, "stats": stats, "budget": budget_ok}
+
+
+def main() -> None:
+    import subprocess
+    import sys
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="16 requests x 32 tokens, same six rows")
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--part", choices=["hf", "loom"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    n = args.requests or (16 if args.quick else 32)
+    new = args.new_tokens or (32 if args.quick else 64)
+    total_adapters = 200 if args.quick else 1000
+    resident = 32 if args.quick else 128
+    if args.part:
+        print("RESULT " + json.dumps(run_part(args.part, n, new, total_adapters, resident), default=str))
+        return
+    from loom.models.loading import plan_load
+
+    store = Store()
+    plan = plan_load(None, store=store, verify=False)
+    base_info = plan.base.manifest.base if plan.base else None
+    assert base_info is not None
+    print(f"preparing {total_adapters} random rank-{RANK} adapters in {store.url} (once) ...", flush=True)
+    make_adapters(store, plan.base_ref, total_adapters)
+    parts = {}
+    for part in ("hf", "loom"):
+        cmd = [sys.executable, __file__, "--part", part, "--requests", str(n), "--new-tokens", str(new)]
+        proc = subprocess.run([*cmd, *(["--quick"] if args.quick else [])], capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"part {part} failed:\n{proc.stderr[-3000:]}")
+        parts[part] = json.loads(line[7:])
+    results = parts["hf"]["rows"] + parts["loom"]["rows"]
+    cold, stats = parts["loom"]["cold"], parts["loom"]["stats"]
 
     floor = measure_floor(base_info.parameter_count, base_info.weight_bytes, n)
     r = {row["row"][:1]: row for row in results}
@@ -338,12 +362,11 @@ def main() -> None:
         "(4) >= 2 x (1)": r["4"]["tokens_per_s"] >= 2 * r["1"]["tokens_per_s"],
         "(6) >= 0.85 x (5)": r["6"]["tokens_per_s"] >= 0.85 * r["5"]["tokens_per_s"],
         "cold load p50 <= 20 ms": statistics.median(cold) <= 0.020,
-        "KV cache within budget": stats["kv_cache_bytes"] <= kv_mb * 2**20,
-        "adapters within budget": stats["adapter_bytes"] <= adapter_mb * 2**20,
+        **parts["loom"]["budget"],
     }
     cols = ["tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "peak_rss_mb"]
     print(
-        f"\nengine benchmark: {n} concurrent requests x {new} new tokens, {base_ref}, CPU fp32, "
+        f"\nengine benchmark: {n} concurrent requests x {new} new tokens, {plan.base_ref}, CPU fp32, "
         f"{torch.get_num_threads()} threads"
     )
     print(f"{'row':46}" + "".join(f"{c:>13}" for c in cols))

@@ -196,3 +196,19 @@ def test_train_publish_load_changes_output(
         a = base.model(**ids).logits
         b = tuned.model(**ids).logits
     assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_dir: Path) -> None:
+    """The padding-free packing path relies on transformers building a block-diagonal
+    mask from position_ids; with use_cache off (as loom train sets it) it must."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    model.config.use_cache = False
+    a, b = [5, 17, 42, 8, 99], [7, 23, 11]
+    packed = torch.tensor([a + b])
+    positions = torch.tensor([list(range(len(a))) + list(range(len(b)))])
+    with torch.no_grad():
+        together = model(input_ids=packed, position_ids=positions).logits[0, len(a) :]
+        alone = model(input_ids=torch.tensor([b])).logits[0]
+    assert torch.allclose(together, alone, atol=1e-5)

@@ -192,7 +192,7 @@ class AdapterCache:
 
     def _evict(self, entry: Resident) -> None:
         for module in self.runner.lora_modules.values():
-            module.clear_slot(entry.slot)
+            module.clear_slot(entry.slot)  # stale weights must never leak into a base-only row
         del self.resident[entry.key]
         self.counters["evictions"] += 1
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.engine.kv_cache import KVCache
-from loom.engine.lora import BatchedLoRALinear, BatchLoRAContext
+from loom.engine.lora import BatchedLoRALinear, BatchLoRAContext, FastLinear, fast_linear
 from loom.errors import LoomError
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -46,7 +46,7 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         rope_module = importlib.import_module(type(model).__module__)
         self._apply_rope = rope_module.apply_rotary_pos_emb
-        self.ctx = BatchLoRAContext()
+        self.ctx = BatchLoRAContext(zero_slot=num_slots)
         self.lora_modules: dict[str, BatchedLoRALinear] = {}
         unknown = set(targets) - set(ATTN_TARGETS) - set(MLP_TARGETS)
         if unknown:
@@ -58,11 +58,12 @@ class ModelRunner:
                 ("mlp", layer.mlp, MLP_TARGETS),
             ):
                 for name in names:
-                    if name not in targets:
-                        continue
                     linear = getattr(parent, name)
                     if not isinstance(linear, nn.Linear):
                         raise LoomError(f"layer {i} {name} is {type(linear).__name__}, not nn.Linear")
+                    if name not in targets:
+                        setattr(parent, name, FastLinear(linear))
+                        continue
                     wrapped = BatchedLoRALinear(linear, num_slots, max_rank, self.ctx)
                     setattr(parent, name, wrapped)
                     self.lora_modules[f"model.layers.{i}.{part}.{name}"] = wrapped
@@ -145,9 +146,9 @@ class ModelRunner:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = attn.q_proj(x).reshape(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).reshape(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).reshape(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._apply_rope(q, k, cos, sin)
             out = attend(i, q, k, v).transpose(1, 2).reshape(bsz, t, self.num_heads * self.head_dim)
             h = h + attn.o_proj(out)
@@ -155,4 +156,5 @@ class ModelRunner:
         return self.inner.norm(h)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+        head = self.model.lm_head
+        return fast_linear(hidden, head.weight, head.bias).float()

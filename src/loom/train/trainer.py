@@ -81,13 +81,20 @@ def fit(
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
+    micro_batch, accumulation = cfg.train_batch_size, cfg.gradient_accumulation
+    if cfg.packing and device.type == "cpu":
+        # TRL's padding-free packing flattens the whole micro-batch into one
+        # sequence with a block-diagonal mask; without flash attention that costs
+        # attention over (batch x max_length)^2. One packed row per micro-step,
+        # accumulated to the same rows per optimizer step, keeps it at max_length^2.
+        micro_batch, accumulation = 1, cfg.train_batch_size * cfg.gradient_accumulation
     args = SFTConfig(
         output_dir=str(out_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.train_batch_size,
+        per_device_train_batch_size=micro_batch,
         per_device_eval_batch_size=cfg.train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation,
+        gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.03,
