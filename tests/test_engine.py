@@ -105,7 +105,7 @@ def test_logits_agree_with_peft_within_1e4(engine: Engine, engine_store: Store) 
 
         def prefill_then_decode(ids: list[int] = ids, slot: int = slot) -> tuple[torch.Tensor, torch.Tensor]:
             # row 0 of a spare cache area is fine: the engine is idle between tests
-            first = runner.prefill(cache, 0, ids[:-1], slot)
+            first = runner.prefill(cache, 0, [ids[:-1]], [slot])[0]
             last = runner.decode(cache, [ids[-1]], [len(ids) - 1], [slot])[0]
             return first, last
 

@@ -27,7 +27,9 @@ from torch import nn
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` computed as ``(weight @ x.T).T`` (see module docstring)."""
     flat = x.reshape(-1, x.shape[-1])
-    out = (weight @ flat.t()).t()
+    # The transposed result is copied back to row-major: every op downstream (norms,
+    # rotary, SiLU) measured ~20% slower per decode step on the strided layout.
+    out = (weight @ flat.t()).t().contiguous()
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])

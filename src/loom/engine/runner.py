@@ -86,22 +86,36 @@ class ModelRunner:
         return KVCache.bytes_per_token(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
 
     @torch.inference_mode()
-    def prefill(self, cache: KVCache, slot: int, token_ids: list[int], adapter_slot: int) -> torch.Tensor:
-        """Run a whole prompt for one sequence into cache slot ``slot``; return last-token logits."""
-        n = len(token_ids)
-        ids = torch.tensor([token_ids], device=self.device)
-        positions = torch.arange(n, device=self.device).unsqueeze(0)
-        self.ctx.set_rows([adapter_slot], self.device)
+    def prefill(
+        self, cache: KVCache, first_slot: int, prompts: list[list[int]], adapter_slots: list[int]
+    ) -> torch.Tensor:
+        """Run several whole prompts at once into cache slots ``first_slot..``; return each
+        prompt's last-token logits [B, vocab]. Prompts are right-padded to the longest;
+        padding is masked out and its cache entries are overwritten before any use."""
+        b, t = len(prompts), max(len(p) for p in prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        ids = torch.zeros(b, t, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, device=self.device)
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        self.ctx.set_rows(adapter_slots, self.device)
+        q_idx = torch.arange(t, device=self.device)
+        mask = (q_idx[None, :] <= q_idx[:, None])[None] & (q_idx[None, None, :] < lengths[:, None, None])
+        if self.sliding_window:
+            mask &= (q_idx[None, :] > q_idx[:, None] - self.sliding_window)[None]
+        mask = mask[:, None]  # [B, 1, T, T]
+        rows = slice(first_slot, first_slot + b)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cache.k[layer, slot, :, :n] = k[0]
-            cache.v[layer, slot, :, :n] = v[0]
+            cache.k[layer, rows, :, :t] = k
+            cache.v[layer, rows, :, :t] = v
             return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.kv_heads != self.num_heads
+                q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.kv_heads != self.num_heads
             )
 
         hidden = self._forward(ids, positions, attend)
-        return self._logits(hidden[:, -1])[0]
+        last = hidden[torch.arange(b, device=self.device), lengths - 1]
+        return self._logits(last)
 
     @torch.inference_mode()
     def decode(

@@ -122,9 +122,10 @@ class Scheduler:
     def _admit(self) -> None:
         in_flight = sum(r.budget_tokens for r in self.running)
         prefill_tokens = 0
+        admitted: list[Request] = []
         max_rows = min(self.limits.max_batch_size, self.cache.max_seqs)
         for req in list(self.waiting):
-            if len(self.running) >= max_rows:
+            if len(self.running) + len(admitted) >= max_rows:
                 break
             if not req.ready:
                 continue  # keeps its place; others proceed meanwhile
@@ -143,7 +144,9 @@ class Scheduler:
             self.waiting.remove(req)
             in_flight += req.budget_tokens
             prefill_tokens += len(req.prompt_ids)
-            self._prefill(req)
+            admitted.append(req)
+        if admitted:
+            self._prefill(admitted)
 
     def add_load(self, req: Request) -> None:
         key = req.adapter_key
@@ -155,12 +158,16 @@ class Scheduler:
         else:
             req.ready = True
 
-    def _prefill(self, req: Request) -> None:
-        req.slot = self.adapters.acquire(req.adapter_key) if req.adapter_key else -1
-        row = len(self.running)
-        self.running.append(req)
-        logits = self.runner.prefill(self.cache, row, req.prompt_ids, req.slot)
-        self._accept(req, logits)
+    def _prefill(self, reqs: list[Request]) -> None:
+        """One batched forward over all newly admitted prompts (better matmul shapes
+        than one prompt at a time, and one wait instead of many for everyone's TTFT)."""
+        for req in reqs:
+            req.slot = self.adapters.acquire(req.adapter_key) if req.adapter_key else -1
+        first = len(self.running)
+        self.running.extend(reqs)
+        logits = self.runner.prefill(self.cache, first, [r.prompt_ids for r in reqs], [r.slot for r in reqs])
+        for i, req in enumerate(reqs):
+            self._accept(req, logits[i])
 
     def _decode(self) -> None:
         rows = self.running
