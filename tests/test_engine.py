@@ -292,3 +292,28 @@ def test_adapter_for_another_base_is_refused_at_submit(
     publish_adapter(engine_store, adapter, agent="test", name="foreign", base="other-base@v1", version="v1")
     with pytest.raises(CompatibilityError, match="this engine serves"):
         engine.submit(PROMPTS[0], adapter="foreign@v1")
+
+
+def test_shutdown_ends_every_request(engine_store: Store) -> None:
+    eng = Engine.from_store(
+        "tiny",
+        device="cpu",
+        store=engine_store,
+        max_batch_size=1,
+        max_seq_len=128,
+        kv_cache_mb=4,
+        max_adapters=2,
+        max_rank=8,
+    )
+    params = SamplingParams(max_new_tokens=100, ignore_eos=True)
+    running, queued = eng.submit(PROMPTS[0], params=params), eng.submit(PROMPTS[1], params=params)
+    while running.sink.squeue.empty():
+        time.sleep(0.001)
+    eng.shutdown()
+    for req in (running, queued):
+        while True:
+            chunk = req.sink.squeue.get(timeout=10)
+            if chunk.finished:
+                assert chunk.completion and chunk.completion.finish_reason == "error"
+                assert "shut down" in (chunk.completion.error or "")
+                break

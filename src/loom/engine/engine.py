@@ -312,6 +312,8 @@ class Engine:
             except Exception as exc:  # keep serving: fail the running batch, not the engine
                 self.scheduler.fail_running(f"engine error: {exc}")
                 time.sleep(0.01)
+        self.scheduler.drain_control(block=False)  # requests submitted before shutdown
+        self.scheduler.fail_all("the engine was shut down")
 
     def shutdown(self) -> None:
         self._stop.set()

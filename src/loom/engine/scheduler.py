@@ -55,7 +55,7 @@ class Scheduler:
     # ------------------------------------------------------------------ loop
     def step(self, block: bool) -> bool:
         """One iteration; returns True when it did any model work."""
-        self._drain_control(block and not self.running and not self.waiting)
+        self.drain_control(block and not self.running and not self.waiting)
         self._install_loaded()
         self._admit()
         self._reap()  # a request can finish on its first token (eos, max_new_tokens=1)
@@ -64,7 +64,7 @@ class Scheduler:
         self._decode()
         return True
 
-    def _drain_control(self, block: bool) -> None:
+    def drain_control(self, block: bool) -> None:
         try:
             fn = self.control.get(timeout=0.05) if block else self.control.get_nowait()
         except queue.Empty:
@@ -81,7 +81,7 @@ class Scheduler:
         if req.adapter_key is None or req.adapter_key in self.adapters.resident:
             req.ready = True
         else:
-            fut = self.adapters.request_load(req.adapter_key, req.meta.pop("adapter_folder"))
+            fut = self.adapters.request_load(req.adapter_key, req.meta["adapter_folder"])
             if fut is not None:
                 self.pending_loads[req.adapter_key] = fut
             else:
@@ -151,8 +151,7 @@ class Scheduler:
     def add_load(self, req: Request) -> None:
         key = req.adapter_key
         assert key is not None
-        folder = self.adapters.resolve(key)[1]
-        fut = self.adapters.request_load(key, folder)
+        fut = self.adapters.request_load(key, req.meta["adapter_folder"])
         if fut is not None:
             self.pending_loads[key] = fut
         else:
@@ -238,6 +237,14 @@ class Scheduler:
                 self.cache.move(last, i, moved.position + 1)
                 self.running[i] = moved
             self.running.pop()
+
+    def fail_all(self, message: str) -> None:
+        """On shutdown: nobody may wait forever for a request the engine will not run."""
+        self.fail_running(message)
+        while self.waiting:
+            req = self.waiting.popleft()
+            req.error = message
+            self._finish_waiting(req, "error")
 
     def fail_running(self, message: str) -> None:
         """After an unexpected error in a step: end every running request with it."""
