@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from loom.engine.runner import ModelRunner
 from loom.errors import CompatibilityError, LoomError
+from loom.models.loading import materialize, resolve_adapter
 from loom.refs import parse_ref
 from loom.store.facts import lora_module_of
 from loom.store.store import Store
@@ -130,24 +131,11 @@ class AdapterCache:
             raise LoomError(f"adapter {ref}: this engine has no store; pass a local adapter folder")
         with self.lock:
             routed = self.routes.get(parsed.name) if parsed.selector is None else None
-        resolved = self.store.resolve(routed or ref)
-        m = resolved.manifest
-        if m.kind != "adapter" or m.adapter is None:
-            raise LoomError(f"{ref} is a {m.kind}, not an adapter")
-        if self.fingerprint and m.adapter.base_fingerprint != self.fingerprint:
-            raise CompatibilityError(
-                f"adapter {resolved.ref} was trained for base {m.adapter.base_ref} "
-                f"({m.adapter.base_fingerprint}); this engine serves {self.fingerprint}"
-            )
+        resolved = resolve_adapter(self.store, routed or ref, self.fingerprint, "the base this engine serves")
         if parsed.selector is None and routed is None:
             with self.lock:
                 self.routes.setdefault(parsed.name, resolved.ref)
-        local = self.store.backend.local_path(resolved.rel)
-        if local is None:
-            from loom.models.loading import _materialize
-
-            local = _materialize(self.store, resolved)
-        return resolved.ref, local
+        return resolved.ref, materialize(self.store, resolved)
 
     def request_load(self, key: str, folder: Path) -> Future[AdapterWeights] | None:
         """Start reading ``key`` in the background unless resident or already loading."""

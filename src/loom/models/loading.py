@@ -53,7 +53,7 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def _materialize(store: Store, resolved: Resolved) -> Path:
+def materialize(store: Store, resolved: Resolved) -> Path:
     """A local folder with the version's files (object stores download to a cache)."""
     local = store.backend.local_path(resolved.rel)
     if local is not None:
@@ -69,6 +69,21 @@ def _materialize(store: Store, resolved: Resolved) -> Path:
             (tmp / name).write_bytes(store.backend.read_bytes(f"{resolved.rel}/{name}"))
         os.replace(tmp, target)
     return target
+
+
+def resolve_adapter(store: Store, ref: str, base_fingerprint: str | None, base_label: str) -> Resolved:
+    """Resolve an adapter ref, refusing other kinds and adapters trained for another base."""
+    adapter = store.resolve(ref)
+    info = adapter.manifest.adapter
+    if adapter.manifest.kind != "adapter" or info is None:
+        raise LoomError(f"{ref} is a {adapter.manifest.kind}, not an adapter")
+    if base_fingerprint is not None and info.base_fingerprint != base_fingerprint:
+        raise CompatibilityError(
+            f"adapter {adapter.ref} was trained for base {info.base_ref} "
+            f"(fingerprint {info.base_fingerprint}), which does not match {base_label} "
+            f"({base_fingerprint}); load it with its own base or retrain it"
+        )
+    return adapter
 
 
 def _check(store: Store, resolved: Resolved, dry_run: bool) -> None:
@@ -122,26 +137,17 @@ def plan_load(
     if resolved is not None:
         if verify or dry_run:
             _check(store, resolved, dry_run)
-        where = str(_materialize(store, resolved))
+        where = str(materialize(store, resolved))
     plan = LoadPlan(
         base_ref=resolved.ref if resolved else base, base_path=where, base=resolved, source=source
     )
     base_fp = resolved.manifest.base.fingerprint if resolved and resolved.manifest.base else None
     for text in adapters:
-        adapter = store.resolve(text)
-        info = adapter.manifest.adapter
-        if adapter.manifest.kind != "adapter" or info is None:
-            raise LoomError(f"{text} is a {adapter.manifest.kind}, not an adapter")
-        if base_fp is not None and info.base_fingerprint != base_fp:
-            raise CompatibilityError(
-                f"adapter {adapter.ref} was trained for base {info.base_ref} "
-                f"(fingerprint {info.base_fingerprint}), which does not match {plan.base_ref} "
-                f"({base_fp}); load it with its own base or retrain it"
-            )
+        adapter = resolve_adapter(store, text, base_fp, plan.base_ref)
         if verify or dry_run:
             _check(store, adapter, dry_run)
         plan.adapters.append(adapter)
-        plan.adapter_paths.append(str(_materialize(store, adapter)))
+        plan.adapter_paths.append(str(materialize(store, adapter)))
     return plan
 
 
