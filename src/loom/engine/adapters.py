@@ -148,6 +148,12 @@ class AdapterCache:
                 self.loading[key] = fut
             return fut
 
+    def load_failed(self, key: str) -> None:
+        """Forget a failed read so a later request can try again, and count it."""
+        with self.lock:
+            self.loading.pop(key, None)
+            self.counters["load_failures"] += 1
+
     # -- installation (engine thread only: slots change between steps) -------
     def install(self, loaded: AdapterWeights, pinned: bool = False) -> Resident:
         with self.lock:

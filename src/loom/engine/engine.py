@@ -190,23 +190,20 @@ class Engine:
 
     def generate(self, prompt: Prompt, *, adapter: str | None = None, **kw: Any) -> Completion:
         """Blocking: submit and wait for the completion."""
-        req = self.submit(prompt, adapter=adapter, **kw)
-        while True:
-            chunk = req.sink.squeue.get()
-            if chunk.finished and chunk.completion is not None:
-                return chunk.completion
+        return self._wait(self.submit(prompt, adapter=adapter, **kw))
 
     def generate_many(self, prompts: list[tuple[Prompt, str | None]], **kw: Any) -> list[Completion]:
         """Blocking: submit all (prompt, adapter) pairs at once, so they batch together."""
         reqs = [self.submit(p, adapter=a, **kw) for p, a in prompts]
-        out = []
-        for req in reqs:
-            while True:
-                chunk = req.sink.squeue.get()
-                if chunk.finished and chunk.completion is not None:
-                    out.append(chunk.completion)
-                    break
-        return out
+        return [self._wait(req) for req in reqs]
+
+    @staticmethod
+    def _wait(req: Request) -> Completion:
+        """Block until ``req`` (submitted without an event loop) finishes."""
+        while True:
+            chunk = req.sink.squeue.get()
+            if chunk.finished and chunk.completion is not None:
+                return chunk.completion
 
     async def stream(
         self, prompt: Prompt, *, adapter: str | None = None, **kw: Any
@@ -266,10 +263,13 @@ class Engine:
     def load_adapter(self, ref: str, pin: bool = False) -> str:
         """Load (blocking) and return the concrete key ``name@version``."""
         key, folder = self.adapters.resolve(ref)
-        if key not in self.adapters.resident:
-            from loom.engine.adapters import read_adapter
-
-            weights = read_adapter(folder, key, self.runner, self.config.max_rank)
+        fut = self.adapters.request_load(key, folder)  # shares a read already under way
+        if fut is not None:
+            try:
+                weights = fut.result()
+            except Exception:
+                self.adapters.load_failed(key)
+                raise
             self._on_engine_thread(lambda: self.adapters.install(weights, pinned=pin))
         elif pin:
             self.adapters.resident[key].pinned = True

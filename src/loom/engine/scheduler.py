@@ -78,14 +78,10 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         """Engine thread: queue a request (and its adapter load)."""
-        if req.adapter_key is None or req.adapter_key in self.adapters.resident:
+        if req.adapter_key is None:
             req.ready = True
         else:
-            fut = self.adapters.request_load(req.adapter_key, req.meta["adapter_folder"])
-            if fut is not None:
-                self.pending_loads[req.adapter_key] = fut
-            else:
-                req.ready = True
+            self.add_load(req)
         self.waiting.append(req)
 
     def cancel(self, request_id: str) -> None:
@@ -107,8 +103,7 @@ class Scheduler:
             try:
                 self.adapters.install(fut.result())
             except Exception as exc:  # a bad adapter fails its requests, never the engine
-                self.adapters.loading.pop(key, None)
-                self.adapters.counters["load_failures"] += 1
+                self.adapters.load_failed(key)
                 error = str(exc)
             for req in list(self.waiting):
                 if req.adapter_key == key:
@@ -149,6 +144,7 @@ class Scheduler:
             self._prefill(admitted)
 
     def add_load(self, req: Request) -> None:
+        """Mark ``req`` ready if its adapter is resident, else start (or join) its load."""
         key = req.adapter_key
         assert key is not None
         fut = self.adapters.request_load(key, req.meta["adapter_folder"])
