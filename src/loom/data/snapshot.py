@@ -33,7 +33,9 @@ def content_hash(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def describe_rows(paths: list[Path], label_field: str = "label") -> tuple[dict[str, Any], list[str]]:
+def describe_rows(
+    paths: list[Path], label_field: str = "label", sha256: str | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """Facts and row ids (``id`` field, else ``file:line``) of JSON/JSONL files."""
     per_source: Counter[str] = Counter()
     per_label: Counter[str] = Counter()
@@ -52,7 +54,7 @@ def describe_rows(paths: list[Path], label_field: str = "label") -> tuple[dict[s
             if isinstance(row, dict) and row.get(label_field) is not None:
                 per_label[str(row[label_field])] += 1
     facts = {
-        "content_sha256": content_hash(paths),
+        "content_sha256": sha256 or content_hash(paths),
         "rows": sum(per_source.values()),
         "rows_per_source": dict(per_source),
         "label_field": label_field if per_label else None,
@@ -88,11 +90,12 @@ def snapshot(
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         raise LoomError(f"snapshot files must have distinct names, got {names}; rename or copy them")
+    digest = content_hash(paths)
     if reuse:
-        existing = find_snapshot(store, content_hash(paths))
+        existing = find_snapshot(store, digest)
         if existing is not None:
             return existing, False
-    facts, ids = describe_rows(paths, label_field)
+    facts, ids = describe_rows(paths, label_field, digest)
 
     def fill(dest: Path) -> None:
         for p in paths:

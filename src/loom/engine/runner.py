@@ -82,9 +82,6 @@ class ModelRunner:
             max_seqs,
         )
 
-    def kv_bytes_per_token(self) -> int:
-        return KVCache.bytes_per_token(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
-
     @torch.inference_mode()
     def prefill(
         self, cache: KVCache, first_slot: int, prompts: list[list[int]], adapter_slots: list[int]

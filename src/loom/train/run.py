@@ -28,6 +28,7 @@ from loom.errors import LoomError
 from loom.models.device import pick_device, pick_dtype
 from loom.refs import parse_ref
 from loom.store.facts import base_facts
+from loom.store.hashing import sha256_stream
 from loom.store.manifest import BaseInfo, Manifest, Source
 from loom.store.store import Store
 from loom.train.config import TrainConfig
@@ -172,7 +173,7 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     data_facts: dict[str, Any] = {
-        "inputs": [{"path": str(p), "sha256": content_hash([p])} for p in train_report.files],
+        "inputs": [{"path": str(p), "sha256": _file_sha256(p)} for p in train_report.files],
         "dataset_name": cfg.dataset_name,
         "rows_read": train_report.rows_read,
         "rows_used": train_report.rows_used,
@@ -204,7 +205,6 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
             "chat_template_sha256": base.info.chat_template_sha256 if base.info else None,
         },
         "prompting": {
-            "chat_template": base.info.chat_template_sha256 if base.info else None,
             "uses_chat_template": cfg.prompt_template is None and bool(tokenizer.chat_template),
             "prompt_template": cfg.prompt_template,
             "input_template": cfg.input_template,
@@ -275,6 +275,11 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
             alias=cfg.alias,
         )
     return TrainResult(out_dir, summary, manifest, example=example, skipped=train_report.skipped)
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return sha256_stream(fh)[0]
 
 
 def is_main_process() -> bool:

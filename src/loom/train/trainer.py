@@ -118,10 +118,9 @@ def fit(
         dataloader_num_workers=0,
     )
     log = LossLog()
-    if not _is_peft(model):
-        from peft import get_peft_model
+    from peft import get_peft_model
 
-        model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -149,7 +148,7 @@ def fit(
                 "elapsed_s": None,
             }
         )
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
     log.write_csv(out_dir / "loss.csv")
     log.write_png(out_dir / "loss.png", f"{cfg.adapter_name or 'adapter'}: loss")
     train_losses = [r["loss"] for r in log.rows if r.get("loss") is not None]
@@ -164,7 +163,3 @@ def fit(
         "tokens_seen": tokens_seen,
         "tokens_per_second": round(tokens_seen / seconds, 1) if seconds else None,
     }
-
-
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config")
