@@ -45,18 +45,15 @@ def engine_store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> St
 
 @pytest.fixture(scope="module")
 def engine(engine_store: Store) -> Iterator[Engine]:
-    eng = Engine.from_store(
-        "tiny",
-        device="cpu",
-        store=engine_store,
-        max_batch_size=8,
-        max_seq_len=128,
-        kv_cache_mb=16,
-        max_adapters=4,
-        max_rank=8,
+    eng = tiny_engine(
+        engine_store, max_batch_size=8, max_seq_len=128, kv_cache_mb=16, max_adapters=4, max_rank=8
     )
     yield eng
     eng.shutdown()
+
+
+def tiny_engine(store: Store, **config: int) -> Engine:
+    return Engine.from_store("tiny", device="cpu", store=store, **config)
 
 
 def peft_model(store: Store, adapter: str | None) -> tuple[object, object]:
@@ -187,15 +184,8 @@ def test_bad_adapter_is_refused_while_others_run(engine: Engine, tmp_path: Path,
 
 
 def test_lru_eviction_and_pinning(engine_store: Store) -> None:
-    eng = Engine.from_store(
-        "tiny",
-        device="cpu",
-        store=engine_store,
-        max_batch_size=4,
-        max_seq_len=64,
-        kv_cache_mb=4,
-        max_adapters=2,
-        max_rank=8,
+    eng = tiny_engine(
+        engine_store, max_batch_size=4, max_seq_len=64, kv_cache_mb=4, max_adapters=2, max_rank=8
     )
     try:
         eng.load_adapter("qv4@v1", pin=True)
@@ -296,15 +286,8 @@ def test_adapter_for_another_base_is_refused_at_submit(
 
 
 def test_shutdown_ends_every_request(engine_store: Store) -> None:
-    eng = Engine.from_store(
-        "tiny",
-        device="cpu",
-        store=engine_store,
-        max_batch_size=1,
-        max_seq_len=128,
-        kv_cache_mb=4,
-        max_adapters=2,
-        max_rank=8,
+    eng = tiny_engine(
+        engine_store, max_batch_size=1, max_seq_len=128, kv_cache_mb=4, max_adapters=2, max_rank=8
     )
     params = SamplingParams(max_new_tokens=100, ignore_eos=True)
     running, queued = eng.submit(PROMPTS[0], params=params), eng.submit(PROMPTS[1], params=params)
