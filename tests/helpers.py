@@ -6,53 +6,12 @@ from pathlib import Path
 
 import torch
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog",
-    "play some music by the beatles",
-    "what is the weather like in paris tomorrow",
-    "book a table for two at an italian restaurant",
-    '{"intent": "GetWeather"} {"intent": "PlayMusic"}',
-] * 20
-
-
-def make_tokenizer(vocab_size: int = 400):  # -> PreTrainedTokenizerFast
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    bpe.train_from_iterator(CORPUS, vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+from loom.testing import make_tiny_model, make_tokenizer
 
 
 def make_tiny_mistral(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
     """Save a randomly initialised MistralForCausalLM (real Mistral code) + tokenizer."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=512,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    model = MistralForCausalLM(config)
+    model = make_tiny_model(seed, hidden, layers)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     make_tokenizer().save_pretrained(folder)

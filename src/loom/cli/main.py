@@ -8,10 +8,12 @@ import typer
 from typer.core import TyperGroup
 
 from loom import __version__
+from loom.cli import bench as bench_cli
 from loom.cli import data as data_cli
 from loom.cli import store as store_cli
 from loom.cli.doctor import doctor
 from loom.cli.output import err_console
+from loom.cli.serve import serve
 from loom.cli.train import train
 from loom.errors import LoomError
 
@@ -39,6 +41,8 @@ app.add_typer(store_cli.app, name="store")
 app.add_typer(data_cli.app, name="data")
 app.command("train")(train)
 app.command("doctor")(doctor)
+app.command("serve")(serve)
+app.add_typer(bench_cli.app, name="bench")
 
 
 @app.callback(invoke_without_command=True)

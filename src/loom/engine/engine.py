@@ -65,6 +65,7 @@ class Engine:
         self.store = store
         self.base_ref, self.base_fingerprint = base_ref, base_fingerprint
         self._ids = itertools.count()
+        self.oom_events = 0
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._init_error: BaseException | None = None
@@ -139,7 +140,8 @@ class Engine:
         return engine
 
     # ------------------------------------------------------------- requests
-    def _tokenize(self, prompt: Prompt) -> list[int]:
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Prompt ids: text as is, chat messages through the base's chat template."""
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         elif prompt and isinstance(prompt[0], dict):
@@ -164,7 +166,7 @@ class Engine:
         """Queue a request; its chunks arrive on ``request.sink``. Raises on bad input."""
         params = params or SamplingParams()
         params.validate()
-        ids = self._tokenize(prompt)
+        ids = self.tokenize(prompt)
         if len(ids) + params.max_new_tokens > self.cache.max_len:
             raise LoomError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
@@ -275,6 +277,16 @@ class Engine:
             self.adapters.resident[key].pinned = True
         return key
 
+    def pin_adapter(self, key: str, pinned: bool) -> None:
+        """Pin (never evicted) or unpin a resident ``name@version``."""
+
+        def apply() -> None:
+            entry = self.adapters.resident.get(key)
+            if entry is not None:
+                entry.pinned = pinned
+
+        self._on_engine_thread(apply)
+
     def unload_adapter(self, ref: str) -> bool:
         key = (
             self.adapters.resolve(ref)[0] if "@" in ref or "/" in ref else self.adapters.routes.get(ref, ref)
@@ -292,9 +304,12 @@ class Engine:
     # ------------------------------------------------------------- status
     def stats(self) -> dict[str, Any]:
         s = self.scheduler.stats()
+        with self.adapters.lock:  # other threads may read while the engine thread installs
+            resident, counters = sorted(self.adapters.resident), dict(self.adapters.counters)
         s.update(
-            resident_adapters=sorted(self.adapters.resident),
-            adapter_counters=dict(self.adapters.counters),
+            resident_adapters=resident,
+            adapter_counters=counters,
+            oom_events=self.oom_events,
             adapter_bytes=self.adapters.bytes,
             kv_cache_bytes=self.cache.nbytes,
             kv_cache_slots=self.cache.max_seqs,
@@ -310,6 +325,8 @@ class Engine:
             try:
                 self.scheduler.step(block=True)
             except Exception as exc:  # keep serving: fail the running batch, not the engine
+                if isinstance(exc, torch.OutOfMemoryError):
+                    self.oom_events += 1
                 self.scheduler.fail_running(f"engine error: {exc}")
                 time.sleep(0.01)
         self.scheduler.drain_control(block=False)  # requests submitted before shutdown

@@ -73,6 +73,7 @@ class Request:
             finish_reason=reason,
             adapter=self.adapter_key,
             error=self.error,
+            error_kind=self.meta.get("error_kind"),
             time_to_first_token_s=(self.first_token_at - self.arrived) if self.first_token_at else None,
             total_s=now - self.arrived,
             token_times=self.token_times,

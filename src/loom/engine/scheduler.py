@@ -110,7 +110,8 @@ class Scheduler:
                     if error is None:
                         req.ready = True
                     else:
-                        req.error = error
+                        req.error = f"adapter {key} failed to load: {error}"
+                        req.meta["error_kind"] = "adapter"
                         self.waiting.remove(req)
                         self._finish_waiting(req, "error")
 

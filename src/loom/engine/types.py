@@ -59,6 +59,7 @@ class Completion:
     finish_reason: FinishReason
     adapter: str | None  # resolved ref (name@version) actually used, or None for base
     error: str | None = None
+    error_kind: str | None = None  # "adapter": the asked adapter could not load (the caller's choice)
     time_to_first_token_s: float | None = None
     total_s: float = 0.0
     token_times: list[float] = field(default_factory=list, repr=False)

@@ -1,0 +1,108 @@
+"""``loom serve``: the HTTP server (OpenAI-compatible + native routes) over one resident base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from loom.cli.output import console, print_json
+
+_O = typer.Option
+
+
+def serve(
+    base: str | None = _O(None, "--base", help="Base model ref (default: the store's default base)."),
+    host: str = _O("127.0.0.1", "--host"),
+    port: int = _O(8000, "--port"),
+    preload: list[str] | None = _O(None, "--preload", help="Adapter ref to load and pin at start (repeat)."),
+    agents: Path | None = _O(None, "--agents", help="Agent map YAML (agent -> adapter, system, warm)."),
+    device: str = _O("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = _O("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."),
+    quantize: bool = _O(False, "--quantize", help="Allow a quantized variant (nf4/int8) when available."),
+    max_batch_size: int = _O(32, "--max-batch-size", help="Requests decoded together."),
+    max_seq_len: int = _O(1024, "--max-seq-len", help="Prompt + generated tokens per request."),
+    kv_cache_mb: int | None = _O(None, "--kv-cache-mb", help="KV-cache budget (default: from the plan)."),
+    max_adapters: int = _O(16, "--max-adapters", help="Adapters resident at once."),
+    max_rank: int = _O(16, "--max-rank", help="Largest LoRA rank served."),
+    memory_mb: int | None = _O(None, "--memory-mb", help="Memory budget (default: 90% of free)."),
+    max_queue: int = _O(64, "--max-queue", help="Requests waiting beyond the batch before 429."),
+    max_body_bytes: int = _O(1 << 20, "--max-body-bytes"),
+    max_prompt_tokens: int | None = _O(None, "--max-prompt-tokens"),
+    request_timeout: float = _O(300.0, "--request-timeout", help="Seconds before a generation is cut."),
+    default_max_tokens: int = _O(128, "--default-max-tokens", help="max_tokens when a request sets none."),
+    dry_run: bool = _O(False, "--dry-run", help="Print the plan from metadata alone; load nothing."),
+    stub: bool = _O(False, "--stub", help="Test mode: a tiny random model instead of the base."),
+    as_json: bool = _O(False, "--json", help="With --dry-run: print the plan as JSON."),
+    log_level: str = _O("info", "--log-level"),
+) -> None:
+    """Serve the base and its adapters over HTTP (OpenAI-compatible API, native routes, metrics).
+
+    Keys: LOOM_API_KEY (clients), LOOM_ADMIN_KEY (pools and adapter loading)."""
+    from loom.serve import ServeConfig, create_app
+    from loom.serve.agent_map import load_agent_map
+    from loom.serve.app import stub_engine
+    from loom.serve.plan import plan_from_store
+    from loom.serve.server import run
+    from loom.store import Store
+
+    cfg = ServeConfig(
+        base=base,
+        host=host,
+        port=port,
+        device=device,
+        dtype=dtype,
+        allow_quantized=quantize,
+        preload=list(preload or []),
+        agents_file=agents,
+        max_batch_size=max_batch_size,
+        max_seq_len=max_seq_len,
+        kv_cache_mb=kv_cache_mb,
+        max_adapters=max_adapters,
+        max_rank=max_rank,
+        memory_mb=memory_mb,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+        max_prompt_tokens=max_prompt_tokens,
+        request_timeout_s=request_timeout,
+        default_max_tokens=default_max_tokens,
+        stub=stub,
+    )
+    if dry_run:
+        agent_map = load_agent_map(agents) if agents else {}
+        refs = [*cfg.preload, *(a.adapter for a in agent_map.values() if a.adapter)]
+        if stub:
+            engine, plan = stub_engine(cfg)
+            engine.shutdown()
+        else:
+            plan = plan_from_store(cfg, Store(), refs)  # also checks every preload resolves and fits
+        if as_json:
+            print_json(plan.describe())
+            return
+        table = Table("setting", "value", title=f"loom serve plan: {plan.base_ref} (dry run, nothing loaded)")
+        d = plan.describe()
+        for key in (
+            "device",
+            "variant",
+            "dtype",
+            "max_batch_size",
+            "max_seq_len",
+            "kv_sequences",
+            "max_rank",
+        ):
+            table.add_row(key, str(d[key]))
+        table.add_row("resident adapters", f"{plan.adapter_slots} slots x {plan.adapter_slot_mb} MiB")
+        table.add_row(
+            "memory (MiB)",
+            f"weights {plan.weights_mb} + adapters "
+            f"{round(plan.adapter_slots * plan.adapter_slot_mb)} + KV cache {plan.kv_cache_mb} "
+            f"+ activations {plan.activations_mb} = {plan.total_mb} of {plan.budget_mb}",
+        )
+        table.add_row("preload", ", ".join(refs) or "-")
+        for note in plan.notes:
+            table.add_row("note", note)
+        console.print(table)
+        return
+    console.print(f"loom serve: http://{host}:{port} (OpenAI API under /v1, docs at /docs)")
+    run(create_app(cfg), host, port, log_level)

@@ -1,0 +1,220 @@
+"""``create_app``: the FastAPI application, its start-up (plan, engine, warm-up, preload, pools)
+and the ASGI guards (body size, request metrics)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+
+from loom import __version__
+from loom.engine import Engine, SamplingParams
+from loom.serve.agent_map import AgentSpec, load_agent_map
+from loom.serve.config import ServeConfig
+from loom.serve.errors import install_handlers
+from loom.serve.plan import QUANTIZED_ORDER, ServePlan, make_plan, plan_from_store
+from loom.serve.pools import PoolManager
+from loom.serve.registry import ModelRegistry
+from loom.serve.service import Service
+from loom.store.manifest import ArchitectureFacts
+from loom.store.store import Store
+
+log = logging.getLogger("loom.serve")
+
+
+def create_app(cfg: ServeConfig, store: Store | None = None, engine: Engine | None = None) -> FastAPI:
+    """The server. With ``engine`` given it serves that engine; otherwise it loads one in the
+    background at start-up (``/health`` answers 503 until the base is loaded and warm)."""
+    service = Service(cfg)
+    agents = load_agent_map(cfg.agents_file) if cfg.agents_file else {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        thread = threading.Thread(
+            target=_start,
+            args=(service, app.state.pools, store, engine, agents),
+            name="loom-serve-start",
+            daemon=True,
+        )
+        thread.start()
+        yield
+        # uvicorn has stopped accepting and waited for running requests: now stop the engine.
+        service.status = "draining"
+        if service.engine is not None and engine is None:
+            service.engine.shutdown()
+
+    app = FastAPI(title="Loom", version=__version__, lifespan=lifespan)
+    app.state.service = service
+    app.state.pools = PoolManager(service)
+    install_handlers(app)
+    from loom.serve import routes_admin, routes_native, routes_openai
+
+    app.include_router(routes_openai.router)
+    app.include_router(routes_native.router)
+    app.include_router(routes_admin.router)
+    app.add_middleware(RequestMetrics, service=service)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    return app
+
+
+def _start(
+    service: Service,
+    pools: PoolManager,
+    store: Store | None,
+    engine: Engine | None,
+    agents: dict[str, AgentSpec],
+) -> None:
+    cfg = service.cfg
+    try:
+        preload = [*cfg.preload, *(a.adapter for a in agents.values() if a.adapter)]
+        if engine is None:
+            engine, service.plan = build_engine(cfg, store, preload)
+        service.engine = engine
+        service.registry = ModelRegistry(
+            engine.store, engine.base_ref or "base", engine.base_fingerprint, agents
+        )
+        engine.generate("Hello", params=SamplingParams(max_new_tokens=2))  # warm: first-step allocations
+        for ref in preload:
+            try:
+                engine.load_adapter(ref, pin=True)
+            except Exception as exc:  # serve the rest; the metric and the log say what failed
+                service.metrics.preload_failures.inc()
+                log.error("preloading adapter %s failed: %s", ref, exc)
+        service.status = "ok"
+        for spec in agents.values():
+            if spec.warm and spec.adapter:
+                try:
+                    pools.create(spec.name, spec.warm)
+                except Exception as exc:
+                    log.error("the warm pool for agent %s failed: %s", spec.name, exc)
+    except Exception as exc:
+        service.metrics.preload_failures.inc()
+        service.status, service.error = "failed", f"{type(exc).__name__}: {exc}"
+        log.error("start-up failed: %s", service.error)
+
+
+def build_engine(cfg: ServeConfig, store: Store | None, preload: list[str]) -> tuple[Engine, ServePlan]:
+    if cfg.stub:
+        return stub_engine(cfg)
+    store = store or Store()
+    plan = plan_from_store(cfg, store, preload)
+    if plan.variant in QUANTIZED_ORDER:
+        from loom.errors import LoomError
+
+        raise LoomError(
+            f"the plan chose {plan.variant}, but the Loom engine serves float weights only for now; "
+            "drop --quantize (the plan then picks bf16/fp16 on CUDA)"
+        )
+    engine = Engine.from_store(
+        plan.base_ref, device=cfg.device, dtype=plan.dtype, store=store, **vars(plan.engine_config())
+    )
+    return engine, plan
+
+
+def stub_engine(cfg: ServeConfig) -> tuple[Engine, ServePlan]:
+    """Documented test mode: the tiny random Mistral from ``loom.testing`` (deterministic, no weights)."""
+    from loom.testing import make_tiny_model, make_tokenizer
+
+    model, tokenizer = make_tiny_model(), make_tokenizer()
+    c = model.config
+    arch = ArchitectureFacts(
+        architecture="MistralForCausalLM",
+        model_type=c.model_type,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+    )
+    plan = make_plan(cfg, arch, None, "stub@tiny-random", [])
+    engine = Engine(model, tokenizer, config=plan.engine_config(), base_ref="stub@tiny-random")
+    return engine, plan
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` with 413, by Content-Length or while reading a chunked body."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"body over {self.max_bytes} bytes; send less or raise --max-body-bytes",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "request_too_large",
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(send)
+        seen, over = 0, False
+
+        async def limited() -> Any:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    over = True
+                    raise ValueError("request body too large")
+            return message
+
+        async def guarded_send(message: Any) -> None:
+            if not over:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await self._refuse(send)  # whatever the app made of the broken body, it is a 413
+
+        await self.app(scope, limited, guarded_send)
+
+
+class RequestMetrics:
+    """Counts every request by route template, model and status; times it end to end."""
+
+    def __init__(self, app: Any, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.monotonic(), 500
+
+        async def recording_send(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            model = scope.get("state", {}).get("model", "")
+            m = self.service.metrics
+            m.requests.labels(route, model, str(status)).inc()
+            if route not in ("/metrics", "/health"):
+                m.latency.labels(route).observe(time.monotonic() - started)

@@ -1,0 +1,38 @@
+"""Settings of one ``loom serve`` process (flags, with keys from the environment)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServeConfig:
+    base: str | None = None  # None: the store's default base
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_quantized: bool = False
+    preload: list[str] = field(default_factory=list)
+    agents_file: Path | None = None
+    # engine sizing (None: decided by the plan from the manifests and the device's memory)
+    max_batch_size: int = 32
+    max_seq_len: int = 1024
+    kv_cache_mb: int | None = None
+    max_adapters: int = 16
+    max_rank: int = 16
+    memory_mb: int | None = None  # budget override; default: a fraction of what the device has free
+    memory_fraction: float = 0.9
+    # limits
+    api_key: str | None = field(default_factory=lambda: os.environ.get("LOOM_API_KEY") or None)
+    admin_key: str | None = field(default_factory=lambda: os.environ.get("LOOM_ADMIN_KEY") or None)
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None  # None: max_seq_len - 1
+    max_queue: int = 64  # requests waiting beyond the running batch before answering 429
+    request_timeout_s: float = 300.0
+    default_max_tokens: int = 128
+    max_sessions: int = 1000
+    max_session_messages: int = 40
+    stub: bool = False  # documented test mode: a tiny random model instead of the base

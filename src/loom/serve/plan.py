@@ -1,0 +1,196 @@
+"""The orchestration policy: from manifests and the device's memory, decide how to serve.
+
+Everything here reads metadata only (manifests, the device's free memory), so
+``loom serve --dry-run`` can print the plan without loading any weights, and a
+configuration that over-commits memory is refused before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from loom.engine.engine import EngineConfig
+from loom.engine.runner import ATTN_TARGETS
+from loom.errors import LoomError
+from loom.models.device import DTYPES, pick_device, pick_dtype
+from loom.serve.config import ServeConfig
+from loom.store.manifest import ArchitectureFacts, BaseInfo
+from loom.store.store import Store
+
+MIB = 2**20
+VARIANT_OF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+QUANTIZED_ORDER = ("nf4_bnb", "int8_bnb")
+
+
+@dataclass
+class ServePlan:
+    base_ref: str
+    device: str
+    variant: str
+    dtype: str
+    budget_mb: int
+    weights_mb: int
+    adapter_slots: int
+    adapter_slot_mb: float
+    kv_cache_mb: int
+    kv_sequences: int
+    max_batch_size: int
+    max_seq_len: int
+    max_rank: int
+    activations_mb: int
+    preload: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_mb(self) -> int:
+        adapters = round(self.adapter_slots * self.adapter_slot_mb)
+        return self.weights_mb + adapters + self.kv_cache_mb + self.activations_mb
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            max_seq_len=self.max_seq_len,
+            kv_cache_mb=self.kv_cache_mb,
+            max_adapters=self.adapter_slots,
+            max_rank=self.max_rank,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {**asdict(self), "total_mb": self.total_mb}
+
+
+def device_memory_mb(device: torch.device) -> int:
+    """Memory free for this process on ``device`` right now."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free // MIB)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // MIB)
+
+
+def _lora_dims(arch: ArchitectureFacts) -> int:
+    """Sum over the engine's LoRA targets of (in + out) features, per layer."""
+    head_dim = arch.hidden_size // arch.num_attention_heads
+    kv = arch.num_key_value_heads * head_dim
+    sizes = {"q_proj": 2 * arch.hidden_size, "k_proj": arch.hidden_size + kv}
+    sizes |= {"v_proj": arch.hidden_size + kv, "o_proj": 2 * arch.hidden_size}
+    return sum(sizes[t] for t in ATTN_TARGETS)
+
+
+def choose_variant(info: BaseInfo, cfg: ServeConfig, device: torch.device) -> tuple[str, torch.dtype]:
+    """Quantized when allowed and available (CUDA + bitsandbytes), else the best float dtype."""
+    if cfg.allow_quantized and device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            for variant in QUANTIZED_ORDER:
+                if variant in info.quantized_variants:
+                    return variant, torch.bfloat16
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise LoomError(f"--dtype {cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    dtype = pick_dtype(cfg.dtype, device)
+    return VARIANT_OF_DTYPE[dtype], dtype
+
+
+def make_plan(
+    cfg: ServeConfig, arch: ArchitectureFacts, info: BaseInfo | None, base_ref: str, preload_ranks: list[int]
+) -> ServePlan:
+    device = pick_device(cfg.device)
+    if info is not None:
+        variant, dtype = choose_variant(info, cfg, device)
+        # fp16 weighs what bf16 does; the manifest lists bf16 only.
+        weights_mb = info.variant_vram_mb.get(variant.replace("float16", "bfloat16"), info.approx_vram_mb)
+    else:  # stub mode: no manifest, the model is tiny
+        dtype = pick_dtype(cfg.dtype, device)
+        variant, weights_mb = VARIANT_OF_DTYPE[dtype], 1
+    nbytes = torch.empty((), dtype=dtype).element_size()
+    budget = cfg.memory_mb or int(device_memory_mb(device) * cfg.memory_fraction)
+    max_rank = max([cfg.max_rank, *preload_ranks])
+    slot_mb = arch.num_hidden_layers * _lora_dims(arch) * max_rank * nbytes / MIB
+    head_dim = arch.hidden_size // arch.num_attention_heads
+    per_seq_mb = (
+        2 * arch.num_hidden_layers * arch.num_key_value_heads * head_dim * nbytes * cfg.max_seq_len / MIB
+    )
+    # Peak activations: the batched prefill of up to 4096 tokens through one layer (hidden,
+    # q/k/v/o and the MLP's gate/up at once) plus fp32 logits for the whole batch.
+    prefill_tokens = min(4096, cfg.max_batch_size * cfg.max_seq_len)
+    act_bytes = prefill_tokens * (6 * arch.hidden_size + 3 * arch.intermediate_size) * nbytes
+    act_bytes += cfg.max_batch_size * arch.vocab_size * 4 * 2
+    activations_mb = int(act_bytes / MIB) + 64  # + allocator slack
+    fixed = weights_mb + round(cfg.max_adapters * slot_mb) + activations_mb
+    notes: list[str] = []
+    if cfg.kv_cache_mb is not None:
+        kv_mb = cfg.kv_cache_mb
+    else:  # enough for a full batch of full-length sequences, or what is left
+        kv_mb = min(int(cfg.max_batch_size * per_seq_mb) + 1, max(budget - fixed, 0))
+    kv_sequences = int(kv_mb // per_seq_mb) if per_seq_mb else cfg.max_batch_size
+    batch = min(cfg.max_batch_size, kv_sequences)
+    if 0 < batch < cfg.max_batch_size:
+        notes.append(
+            f"the KV cache holds {kv_sequences} sequences of {cfg.max_seq_len} tokens: batch limit "
+            f"lowered from {cfg.max_batch_size} to {batch}"
+        )
+    plan = ServePlan(
+        base_ref=base_ref,
+        device=str(device),
+        variant=variant,
+        dtype=str(dtype).removeprefix("torch."),
+        budget_mb=budget,
+        weights_mb=weights_mb,
+        adapter_slots=cfg.max_adapters,
+        adapter_slot_mb=round(slot_mb, 2),
+        kv_cache_mb=kv_mb,
+        kv_sequences=kv_sequences,
+        max_batch_size=batch,
+        max_seq_len=cfg.max_seq_len,
+        max_rank=max_rank,
+        activations_mb=activations_mb,
+        preload=list(cfg.preload),
+        notes=notes,
+    )
+    if batch < 1 or plan.total_mb > budget:
+        over = plan.total_mb - budget if plan.total_mb > budget else int(per_seq_mb)
+        raise LoomError(
+            f"serving {base_ref} as {variant} on {device} needs {plan.total_mb} MiB (weights {weights_mb}, "
+            f"adapters {round(cfg.max_adapters * slot_mb)}, KV cache {kv_mb}, activations {activations_mb}) "
+            f"but the budget is {budget} MiB: over by {over} MiB. Lower --max-batch-size, --max-seq-len, "
+            f"--max-adapters or --kv-cache-mb, allow a quantized variant (--quantize, CUDA), "
+            f"or raise --memory-mb"
+        )
+    if variant in QUANTIZED_ORDER:
+        notes.append(f"{variant}: quantized weights chosen (--quantize, CUDA, bitsandbytes installed)")
+    return plan
+
+
+def plan_from_store(cfg: ServeConfig, store: Store, preload: list[str]) -> ServePlan:
+    """The plan for ``cfg.base`` (or the default base) and ``preload``, from manifests alone."""
+    from loom.models.loading import resolve_adapter
+
+    base_name = cfg.base or store.default_base()
+    if base_name is None:
+        raise LoomError(
+            "no base model given and the store has no default; pass --base NAME or run "
+            "'loom store import-base --default'"
+        )
+    resolved = store.resolve(base_name)
+    info = resolved.manifest.base
+    if info is None:
+        raise LoomError(f"{base_name} is a {resolved.manifest.kind}, not a base model; pass a base to --base")
+    ranks = []
+    for ref in preload:
+        adapter = resolve_adapter(store, ref, info.fingerprint, resolved.ref).manifest.adapter
+        if adapter is not None:
+            ranks.append(adapter.r)
+    plan = make_plan(cfg, info.arch, info, resolved.ref, ranks)
+    plan.preload = list(preload)
+    return plan

@@ -1,0 +1,194 @@
+"""Native routes existing deployments call: /generate, /chat (+ /chat/stream) with per-session
+conversations, /conversation, /health and /info."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from loom import __version__
+from loom.engine import SamplingParams
+from loom.serve.auth import require_key
+from loom.serve.errors import APIError
+from loom.serve.registry import Target
+from loom.serve.schemas import ChatRequest, GenerateRequest
+from loom.serve.service import Job, Service
+from loom.serve.sse import error_event, event
+
+router = APIRouter()
+
+
+def service_of(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def _target(service: Service, agent: str | None, adapter: str | None) -> Target:
+    _engine, registry = service.ready()
+    if agent and adapter:
+        raise APIError(400, "give either agent or adapter, not both", param="adapter")
+    return registry.resolve(agent or adapter)
+
+
+def _answer(job: Job, completion: Any, **extra: Any) -> dict[str, Any]:
+    generated = len(completion.token_ids)
+    return {
+        **extra,
+        "model": job.target.model,
+        "model_version": completion.adapter or None,
+        "finish_reason": completion.finish_reason,
+        "usage": {
+            "prompt_tokens": len(job.ids),
+            "completion_tokens": generated,
+            "total_tokens": len(job.ids) + generated,
+        },
+        "time_to_first_token_s": completion.time_to_first_token_s,
+        "total_s": round(completion.total_s, 4),
+    }
+
+
+@router.post("/generate", dependencies=[Depends(require_key)])
+async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    target = _target(service, body.agent, body.adapter)
+    request.state.model = target.model
+    params = SamplingParams(
+        max_new_tokens=body.max_tokens or service.cfg.default_max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop,
+    )
+    job = service.job(body.prompt, target, params, body.max_tokens is not None)
+    admission = service.admit()
+    try:
+        (done,) = await service.run(request, [job])
+    finally:
+        admission.release()
+    return _answer(job, done, text=done.text)
+
+
+def _chat_job(service: Service, body: ChatRequest, request: Request) -> tuple[Job, str]:
+    target = _target(service, body.agent, body.adapter)
+    request.state.model = target.model
+    session = body.session_id or service.conversations.new_id()
+    system = "\n\n".join(s for s in (target.system, body.context and f"Context:\n{body.context}") if s)
+    history = service.conversations.history(session) or []
+    messages = ([{"role": "system", "content": system}] if system else []) + history
+    messages.append({"role": "user", "content": body.message})
+    params = SamplingParams(
+        max_new_tokens=body.max_tokens or service.cfg.default_max_tokens, temperature=body.temperature
+    )
+    return service.job(messages, target, params, body.max_tokens is not None), session
+
+
+@router.post("/chat", dependencies=[Depends(require_key)])
+async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    job, session = _chat_job(service, body, request)
+    admission = service.admit()
+    try:
+        (done,) = await service.run(request, [job])
+    finally:
+        admission.release()
+    service.conversations.append(
+        session, {"role": "user", "content": body.message}, {"role": "assistant", "content": done.text}
+    )
+    return _answer(job, done, session_id=session, response=done.text)
+
+
+@router.post("/chat/stream", dependencies=[Depends(require_key)], response_model=None)
+async def chat_stream(body: ChatRequest, request: Request) -> Response:
+    service = service_of(request)
+    job, session = _chat_job(service, body, request)
+    admission = service.admit()
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for piece in service.stream(job):
+                if piece.text:
+                    yield event({"session_id": session, "delta": piece.text})
+                if piece.finished and piece.completion is not None:
+                    text = piece.completion.text
+                    service.conversations.append(
+                        session,
+                        {"role": "user", "content": body.message},
+                        {"role": "assistant", "content": text},
+                    )
+                    yield event(_answer(job, piece.completion, session_id=session, response=text, done=True))
+        except APIError as exc:
+            yield error_event(exc)
+        finally:
+            admission.release()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/conversation", dependencies=[Depends(require_key)])
+async def get_conversation(request: Request, session_id: str = Query(...)) -> dict[str, Any]:
+    messages = service_of(request).conversations.history(session_id)
+    if messages is None:
+        raise APIError(
+            404,
+            f"no conversation {session_id!r} (it may have expired)",
+            "not_found_error",
+            "session_not_found",
+            "session_id",
+        )
+    return {"session_id": session_id, "messages": messages}
+
+
+@router.delete("/conversation", dependencies=[Depends(require_key)])
+async def delete_conversation(request: Request, session_id: str = Query(...)) -> dict[str, Any]:
+    if not service_of(request).conversations.delete(session_id):
+        raise APIError(
+            404, f"no conversation {session_id!r}", "not_found_error", "session_not_found", "session_id"
+        )
+    return {"session_id": session_id, "deleted": True}
+
+
+@router.get("/health", response_model=None)
+async def health(request: Request) -> Response:
+    service = service_of(request)
+    body: dict[str, Any] = {"status": service.status}
+    if service.error:
+        body["error"] = service.error
+    return JSONResponse(body, status_code=200 if service.status == "ok" else 503)
+
+
+@router.get("/info", dependencies=[Depends(require_key)])
+async def info(request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    cfg = service.cfg
+    out: dict[str, Any] = {"loom_version": __version__, "status": service.status, "time": time.time()}
+    engine = service.engine
+    if engine is not None:
+        stats = engine.stats()
+        name, _, version = (engine.base_ref or "").partition("@")
+        out |= {
+            "base": {
+                "ref": engine.base_ref,
+                "name": name,
+                "version": version or None,
+                "fingerprint": engine.base_fingerprint,
+            },
+            "device": stats["device"],
+            "dtype": stats["dtype"],
+            "resident_adapters": stats["resident_adapters"],
+            "engine": {k: stats[k] for k in ("queue_depth", "batch_size", "kv_cache_slots", "max_seq_len")},
+        }
+    out["limits"] = {
+        "max_batch_size": service.plan.max_batch_size if service.plan else cfg.max_batch_size,
+        "max_queue": cfg.max_queue,
+        "max_body_bytes": cfg.max_body_bytes,
+        "max_prompt_tokens": cfg.max_prompt_tokens,
+        "request_timeout_s": cfg.request_timeout_s,
+        "default_max_tokens": cfg.default_max_tokens,
+        "auth": cfg.api_key is not None,
+    }
+    out["plan"] = service.plan.describe() if service.plan else None
+    return out

@@ -1,0 +1,221 @@
+"""What every route shares: the engine once loaded, admission (bounded queue -> 429),
+prompt checks, and running one generation with a timeout and cancel-on-disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from loom.engine import Engine, SamplingParams
+from loom.engine.engine import Prompt
+from loom.engine.types import Completion, LogitsProcessor, StreamChunk
+from loom.serve.config import ServeConfig
+from loom.serve.conversations import Conversations
+from loom.serve.errors import APIError
+from loom.serve.metrics import Metrics
+from loom.serve.plan import ServePlan
+from loom.serve.registry import ModelRegistry, Target
+
+RETRY_AFTER_S = "1"
+
+
+class Admission:
+    """One admitted request's claim on the queue; released exactly once."""
+
+    def __init__(self, service: Service, n: int) -> None:
+        self.service, self.n, self.released = service, n, False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.service.in_flight -= self.n
+            self.service.metrics.in_flight.set(self.service.in_flight)
+
+
+@dataclass
+class Job:
+    """A checked generation, ready to submit."""
+
+    ids: list[int]
+    target: Target
+    params: SamplingParams
+    processor: LogitsProcessor | None = None
+
+
+class Service:
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.engine: Engine | None = None
+        self.registry: ModelRegistry | None = None
+        self.plan: ServePlan | None = None
+        self.status = "loading"  # loading -> ok | failed; draining on shutdown
+        self.error: str | None = None
+        self.in_flight = 0
+        self.metrics = Metrics(self._engine_stats)
+        self.conversations = Conversations(cfg.max_sessions, cfg.max_session_messages)
+
+    def _engine_stats(self) -> dict[str, Any] | None:
+        return self.engine.stats() if self.engine is not None else None
+
+    # -------------------------------------------------------------- gates
+    def ready(self) -> tuple[Engine, ModelRegistry]:
+        if self.status != "ok" or self.engine is None or self.registry is None:
+            detail = f": {self.error}" if self.error else "; retry when GET /health answers 200"
+            raise APIError(
+                503,
+                f"the server is {self.status}{detail}",
+                "service_unavailable",
+                self.status,
+                headers={"Retry-After": "5"},
+            )
+        return self.engine, self.registry
+
+    @property
+    def capacity(self) -> int:
+        batch = self.plan.max_batch_size if self.plan else self.cfg.max_batch_size
+        return batch + self.cfg.max_queue
+
+    def admit(self, n: int = 1) -> Admission:
+        """Claim room for ``n`` generations, or answer 429 rather than queue without end."""
+        self.ready()
+        if self.in_flight + n > self.capacity:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise APIError(
+                429,
+                f"server busy: {self.in_flight} generations in flight and the limit is {self.capacity} "
+                f"(running batch + --max-queue {self.cfg.max_queue}); retry after {RETRY_AFTER_S} s",
+                "rate_limit_error",
+                "queue_full",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
+        self.in_flight += n
+        self.metrics.in_flight.set(self.in_flight)
+        return Admission(self, n)
+
+    # -------------------------------------------------------------- jobs
+    def job(
+        self,
+        prompt: Prompt,
+        target: Target,
+        params: SamplingParams,
+        max_tokens_given: bool,
+        processor: LogitsProcessor | None = None,
+    ) -> Job:
+        """Tokenize and check lengths; an unset max_tokens shrinks to what the context leaves."""
+        engine, _ = self.ready()
+        if target.adapter is not None:
+            engine.adapters.resolve(target.adapter)  # unknown or incompatible: 404/400 before any output
+        ids = engine.tokenize(prompt)
+        max_len = engine.cache.max_len
+        limit = min(self.cfg.max_prompt_tokens or max_len - 1, max_len - 1)
+        if len(ids) > limit:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens, more than this server's limit of {limit}; "
+                "shorten it (or start the server with a larger --max-seq-len)",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        room = max_len - len(ids)
+        if params.max_new_tokens > room:
+            if max_tokens_given:
+                raise APIError(
+                    400,
+                    f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
+                    f"context of {max_len} tokens; lower max_tokens to at most {room}",
+                    code="context_length_exceeded",
+                    param="max_tokens",
+                )
+            params.max_new_tokens = room
+        return Job(ids, target, params, processor)
+
+    def _submit_stream(self, job: Job) -> AsyncIterator[StreamChunk]:
+        engine, _ = self.ready()
+        return engine.stream(
+            job.ids, adapter=job.target.adapter, params=job.params, logits_processor=job.processor
+        )
+
+    async def run(self, request: Request, jobs: list[Job]) -> list[Completion]:
+        """Generations to completion; a timeout or a client that goes away cancels all of them."""
+        gens = [asyncio.ensure_future(self._collect(job)) for job in jobs]
+        together: asyncio.Future[list[Completion]] = asyncio.gather(*gens)
+        gone: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait(
+                {together, gone}, timeout=self.cfg.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if together in done:
+                return [self.checked(c, job) for c, job in zip(together.result(), jobs, strict=True)]
+            if gone in done:
+                self.metrics.cancelled.inc()
+                raise APIError(499, "client disconnected", code="client_closed_request")
+            raise APIError(
+                504,
+                f"the generation did not finish within {self.cfg.request_timeout_s:.0f} s; lower "
+                "max_tokens or raise --request-timeout",
+                "timeout_error",
+                "timeout",
+            )
+        finally:
+            gone.cancel()
+            for gen in gens:  # the engine stream's finally cancels its request in the engine
+                gen.cancel()
+            together.cancel()
+
+    async def _collect(self, job: Job) -> Completion:
+        async for chunk in self._submit_stream(job):
+            if chunk.finished and chunk.completion is not None:
+                return chunk.completion
+        raise APIError(500, "the engine ended a stream without a completion", "server_error")
+
+    async def stream(self, job: Job) -> AsyncGenerator[StreamChunk, None]:
+        """Chunks of one generation; the last carries the checked completion. A timeout cancels it.
+        A client disconnect closes this generator, whose ``finally`` cancels the engine request."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.request_timeout_s
+        chunks = self._submit_stream(job).__aiter__()
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), max(0.0, deadline - loop.time()))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise APIError(
+                        504,
+                        f"the generation did not finish within {self.cfg.request_timeout_s:.0f} s",
+                        "timeout_error",
+                        "timeout",
+                    ) from None
+                if chunk.finished and chunk.completion is not None:
+                    self.checked(chunk.completion, job)
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            self.metrics.cancelled.inc()
+            raise
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    def checked(self, completion: Completion, job: Job) -> Completion:
+        """Turn an engine-side failure into the right API error; record metrics of a success."""
+        if completion.finish_reason == "error":
+            if completion.error_kind == "adapter":
+                raise APIError(
+                    400, completion.error or "adapter failed", code="adapter_load_failed", param="model"
+                )
+            status = 503 if self.status == "draining" else 500
+            raise APIError(status, completion.error or "engine error", "server_error", "engine_error")
+        self.metrics.observe_completion(job.target.model, len(job.ids), completion)
+        return completion
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body has already been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

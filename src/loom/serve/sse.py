@@ -1,0 +1,61 @@
+"""Server-sent events: framing, and merging several generations into one stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from loom.engine.types import StreamChunk
+from loom.serve.errors import APIError
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def error_event(exc: BaseException) -> bytes:
+    """An error after the 200 and the headers went out: OpenAI-shaped, in the stream (as vLLM does)."""
+    if isinstance(exc, APIError):
+        return event(
+            {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+        )
+    return event({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+
+
+async def merge(streams: list[AsyncGenerator[StreamChunk, None]]) -> AsyncIterator[tuple[int, StreamChunk]]:
+    """(index, chunk) from all streams as they come; closing this closes every stream."""
+    if len(streams) == 1:  # the common case, without the relay tasks
+        try:
+            async for chunk in streams[0]:
+                yield 0, chunk
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue[tuple[int, StreamChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncGenerator[StreamChunk, None]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((i, chunk))
+            await queue.put((i, None))
+        except BaseException as exc:
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
