@@ -10,9 +10,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import make_lora_adapter, make_tiny_mistral
+from helpers import ADAPTERS, make_lora_adapter, make_tiny_mistral
+from typer.testing import CliRunner
 
+from loom.cli.main import app
 from loom.store import Store
+from loom.store.adapters import publish_adapter
 from loom.store.importers import import_hf_dir
 
 
@@ -39,3 +42,26 @@ def tiny_base(store: Store, tiny_dir: Path) -> str:
     m = import_hf_dir(store, tiny_dir, "tiny-mistral", version="v1", alias="current")
     store.set_default_base("tiny-mistral")
     return f"{m.name}@{m.version}"
+
+
+@pytest.fixture(scope="session")
+def engine_store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Store:
+    """The tiny base ``tiny@v1`` with adapters qv4 (v1 current, v2), all8 and o2 under agent ``test``."""
+    root = tmp_path_factory.mktemp("engine")
+    store = Store(root / "store")
+    import_hf_dir(store, tiny_dir, "tiny", version="v1", alias="current")
+    for name, (seed, r, targets) in ADAPTERS.items():
+        folder = make_lora_adapter(tiny_dir, root / name, seed=seed, r=r, targets=targets)
+        publish_adapter(store, folder, agent="test", name=name, base="tiny@v1", version="v1", alias="current")
+    swap = make_lora_adapter(tiny_dir, root / "qv4-v2", seed=99, r=4, targets=("q_proj", "v_proj"))
+    publish_adapter(store, swap, agent="test", name="qv4", base="tiny@v1", version="v2")
+    return store
+
+
+@pytest.fixture(scope="session")
+def default_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """A store with the embedded SmolLM2 default base imported from its GGUF file (integration)."""
+    root = tmp_path_factory.mktemp("default") / "store"
+    result = CliRunner().invoke(app, ["store", "import-base", "--default", "--store", str(root)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return Store(root)

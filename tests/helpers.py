@@ -8,6 +8,12 @@ import torch
 
 from loom.testing import make_tiny_model, make_tokenizer
 
+ADAPTERS = {  # the engine store's adapters, name: (seed, rank, targets)
+    "qv4": (11, 4, ("q_proj", "v_proj")),
+    "all8": (12, 8, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "o2": (13, 2, ("o_proj",)),
+}
+
 
 def make_tiny_mistral(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
     """Save a randomly initialised MistralForCausalLM (real Mistral code) + tokenizer."""

@@ -15,14 +15,6 @@ pytestmark = pytest.mark.integration
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def default_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    root = tmp_path_factory.mktemp("default") / "store"
-    result = runner.invoke(app, ["store", "import-base", "--default", "--store", str(root)])
-    assert result.exit_code == 0, (result.output, result.exception)
-    return Store(root)
-
-
 def test_import_default_then_verify_and_show(default_store: Store) -> None:
     root = default_store.url
     verify = runner.invoke(app, ["store", "verify", "--store", root])

@@ -19,28 +19,6 @@ from loom.store import Store
 from loom.store.adapters import publish_adapter
 
 PROMPTS = ["play some music", "what is the weather", "book a table for two", "the quick brown fox"]
-ADAPTERS = {  # name: (seed, rank, targets)
-    "qv4": (11, 4, ("q_proj", "v_proj")),
-    "all8": (12, 8, ("q_proj", "k_proj", "v_proj", "o_proj")),
-    "o2": (13, 2, ("o_proj",)),
-}
-
-
-@pytest.fixture(scope="module")
-def engine_store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Store:
-    from helpers import make_lora_adapter
-
-    from loom.store.importers import import_hf_dir
-
-    root = tmp_path_factory.mktemp("engine")
-    store = Store(root / "store")
-    import_hf_dir(store, tiny_dir, "tiny", version="v1", alias="current")
-    for name, (seed, r, targets) in ADAPTERS.items():
-        folder = make_lora_adapter(tiny_dir, root / name, seed=seed, r=r, targets=targets)
-        publish_adapter(store, folder, agent="test", name=name, base="tiny@v1", version="v1", alias="current")
-    swap = make_lora_adapter(tiny_dir, root / "qv4-v2", seed=99, r=4, targets=("q_proj", "v_proj"))
-    publish_adapter(store, swap, agent="test", name="qv4", base="tiny@v1", version="v2")
-    return store
 
 
 @pytest.fixture(scope="module")

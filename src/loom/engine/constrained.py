@@ -43,7 +43,17 @@ class GrammarProcessor:
     def json_schema(cls, tokenizer: Any, schema: dict[str, Any] | None, vocab_size: int) -> GrammarProcessor:
         import llguidance
 
-        text = json.dumps(schema if schema is not None else {"type": "object"})
+        schema = dict(schema) if schema is not None else {"type": "object"}
+        # Fixed separators instead of llguidance's default of free whitespace: a model may
+        # otherwise pad with spaces or newlines until max_tokens and never close the object
+        # (vLLM offers the same switch). A schema's own x-guidance settings win.
+        schema["x-guidance"] = {
+            "whitespace_flexible": False,
+            "item_separator": ", ",
+            "key_separator": ": ",
+            **schema.get("x-guidance", {}),
+        }
+        text = json.dumps(schema)
         return cls(tokenizer, llguidance.LLMatcher.grammar_from_json_schema(text), vocab_size)
 
     @classmethod

@@ -48,8 +48,7 @@ class PoolManager:
             raise APIError(
                 400, f"{model!r} is the base alone; a pool serves an agent or an adapter", param="agent"
             )
-        plan = self.service.plan
-        batch = plan.max_batch_size if plan else engine.config.max_batch_size
+        batch = engine.config.max_batch_size
         with self.lock:
             reserved = sum(p.warm_size for p in self.pools.values())
             if reserved + warm_size > batch:

@@ -182,7 +182,7 @@ async def info(request: Request) -> dict[str, Any]:
             "engine": {k: stats[k] for k in ("queue_depth", "batch_size", "kv_cache_slots", "max_seq_len")},
         }
     out["limits"] = {
-        "max_batch_size": service.plan.max_batch_size if service.plan else cfg.max_batch_size,
+        "max_batch_size": engine.config.max_batch_size if engine else cfg.max_batch_size,
         "max_queue": cfg.max_queue,
         "max_body_bytes": cfg.max_body_bytes,
         "max_prompt_tokens": cfg.max_prompt_tokens,

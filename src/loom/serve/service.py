@@ -76,7 +76,7 @@ class Service:
 
     @property
     def capacity(self) -> int:
-        batch = self.plan.max_batch_size if self.plan else self.cfg.max_batch_size
+        batch = self.engine.config.max_batch_size if self.engine else self.cfg.max_batch_size
         return batch + self.cfg.max_queue
 
     def admit(self, n: int = 1) -> Admission:

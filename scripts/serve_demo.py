@@ -1,0 +1,85 @@
+"""Bring up ``loom serve`` on the store's default base with the ``snips-intent`` adapter, show
+requests answered through the OpenAI-compatible API, then stop the server gracefully.
+
+    python scripts/serve_demo.py [--adapter snips-intent] [--keep-serving]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from loom.serve.server import free_port, wait_healthy
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--adapter", default="snips-intent")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--keep-serving", action="store_true", help="Leave the server running (Ctrl-C stops)."
+    )
+    args = parser.parse_args()
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    loom = shutil.which("loom") or "loom"
+    cmd = [
+        loom,
+        "serve",
+        "--port",
+        str(port),
+        "--preload",
+        args.adapter,
+        "--max-batch-size",
+        "8",
+        "--max-seq-len",
+        "512",
+        "--log-level",
+        "warning",
+    ]
+    print("$", " ".join(cmd[1:]) if cmd[0].endswith("loom") else " ".join(cmd), flush=True)
+    server = subprocess.Popen([*cmd])
+    try:
+        started = time.monotonic()
+        wait_healthy(url, timeout=300)
+        print(f"healthy after {time.monotonic() - started:.1f} s: {url}", flush=True)
+        with httpx.Client(base_url=url, timeout=120) as http:
+            models = [m["id"] for m in http.get("/v1/models").json()["data"]]
+            print("models:", ", ".join(models[:8]) + (" ..." if len(models) > 8 else ""))
+            for model, text in (
+                (args.adapter, "play the new album by Daft Punk on spotify"),
+                (args.adapter, "will it snow in Denver tomorrow?"),
+                (models[0], "What is the capital of France?"),
+            ):
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": text}],
+                    "max_tokens": 24,
+                    "temperature": 0,
+                }
+                r = http.post("/v1/chat/completions", json=body)
+                r.raise_for_status()
+                answer = r.json()
+                print(f"POST /v1/chat/completions model={model!r} ({answer['system_fingerprint']})")
+                print(f"  user: {text}\n  assistant: {answer['choices'][0]['message']['content']!r}")
+        if args.keep_serving:
+            print(f"serving on {url} (Ctrl-C to stop)", flush=True)
+            server.wait()
+        return 0
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)  # graceful: uvicorn drains, then the engine stops
+            try:
+                server.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
