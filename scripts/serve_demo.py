@@ -7,7 +7,6 @@ requests answered through the OpenAI-compatible API, then stop the server gracef
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,9 +27,9 @@ def main() -> int:
     args = parser.parse_args()
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
-    loom = shutil.which("loom") or "loom"
+    loom = [sys.executable, "-m", "loom"]  # the venv's loom, activated or not
     cmd = [
-        loom,
+        *loom,
         "serve",
         "--port",
         str(port),
@@ -43,8 +42,8 @@ def main() -> int:
         "--log-level",
         "warning",
     ]
-    print("$", " ".join(cmd[1:]) if cmd[0].endswith("loom") else " ".join(cmd), flush=True)
-    server = subprocess.Popen([*cmd])
+    print("$ loom", " ".join(cmd[3:]), flush=True)
+    server = subprocess.Popen(cmd)
     try:
         started = time.monotonic()
         wait_healthy(url, timeout=300)
@@ -52,17 +51,20 @@ def main() -> int:
         with httpx.Client(base_url=url, timeout=120) as http:
             models = [m["id"] for m in http.get("/v1/models").json()["data"]]
             print("models:", ", ".join(models[:8]) + (" ..." if len(models) > 8 else ""))
-            for model, text in (
-                (args.adapter, "play the new album by Daft Punk on spotify"),
-                (args.adapter, "will it snow in Denver tomorrow?"),
-                (models[0], "What is the capital of France?"),
+            system = {"role": "system", "content": "You label voice-assistant requests."}
+            for model, messages in (  # the adapter was trained on this system prompt and "Intent of: ..."
+                (
+                    args.adapter,
+                    [system, {"role": "user", "content": "Intent of: play the new Daft Punk album"}],
+                ),
+                (
+                    args.adapter,
+                    [system, {"role": "user", "content": "Intent of: will it snow in Denver tomorrow?"}],
+                ),
+                (models[0], [{"role": "user", "content": "What is the capital of France?"}]),
             ):
-                body = {
-                    "model": model,
-                    "messages": [{"role": "user", "content": text}],
-                    "max_tokens": 24,
-                    "temperature": 0,
-                }
+                text = messages[-1]["content"]
+                body = {"model": model, "messages": messages, "max_tokens": 24, "temperature": 0}
                 r = http.post("/v1/chat/completions", json=body)
                 r.raise_for_status()
                 answer = r.json()

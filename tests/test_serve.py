@@ -383,6 +383,10 @@ def test_client_disconnect_cancels_generation(url: str, engine: Engine) -> None:
     wait_idle(engine)
     assert engine.stats()["tokens_generated"] - generated < 230
     assert metric(url, "loom_cancelled_total") == before + 2
+    deadline = time.monotonic() + 5
+    while metric(url, "loom_requests_in_flight") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metric(url, "loom_requests_in_flight") == 0  # every admission was released
 
 
 def test_request_timeout_is_504(engine: Engine) -> None:

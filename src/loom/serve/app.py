@@ -213,7 +213,8 @@ class RequestMetrics:
             await self.app(scope, receive, recording_send)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            model = scope.get("state", {}).get("model", "")
+            # Only resolved models become label values: unknown names (404) must not grow the series.
+            model = scope.get("state", {}).get("model", "") if status != 404 else ""
             m = self.service.metrics
             m.requests.labels(route, model, str(status)).inc()
             if route not in ("/metrics", "/health"):

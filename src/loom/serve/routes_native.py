@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from loom import __version__
 from loom.engine import SamplingParams
@@ -17,7 +17,7 @@ from loom.serve.errors import APIError
 from loom.serve.registry import Target
 from loom.serve.schemas import ChatRequest, GenerateRequest
 from loom.serve.service import Job, Service
-from loom.serve.sse import error_event, event
+from loom.serve.sse import event, streaming
 
 router = APIRouter()
 
@@ -108,24 +108,17 @@ async def chat_stream(body: ChatRequest, request: Request) -> Response:
     admission = service.admit()
 
     async def events() -> AsyncIterator[bytes]:
-        try:
-            async for piece in service.stream(job):
-                if piece.text:
-                    yield event({"session_id": session, "delta": piece.text})
-                if piece.finished and piece.completion is not None:
-                    text = piece.completion.text
-                    service.conversations.append(
-                        session,
-                        {"role": "user", "content": body.message},
-                        {"role": "assistant", "content": text},
-                    )
-                    yield event(_answer(job, piece.completion, session_id=session, response=text, done=True))
-        except APIError as exc:
-            yield error_event(exc)
-        finally:
-            admission.release()
+        async for piece in service.stream(job):
+            if piece.text:
+                yield event({"session_id": session, "delta": piece.text})
+            if piece.finished and piece.completion is not None:
+                text = piece.completion.text
+                service.conversations.append(
+                    session, {"role": "user", "content": body.message}, {"role": "assistant", "content": text}
+                )
+                yield event(_answer(job, piece.completion, session_id=session, response=text, done=True))
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return streaming(admission, events(), done=False)
 
 
 @router.get("/conversation", dependencies=[Depends(require_key)])

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loom.engine import SamplingParams
 from loom.engine.types import Completion, LogitsProcessor
@@ -25,8 +25,8 @@ from loom.serve.schemas import (
     SamplingFields,
     UnloadLoraRequest,
 )
-from loom.serve.service import Admission, Job, Service
-from loom.serve.sse import DONE, error_event, event, merge
+from loom.serve.service import Job, Service
+from loom.serve.sse import DONE, event, merge, streaming
 
 router = APIRouter()
 
@@ -59,21 +59,6 @@ def fingerprint(service: Service, completions: list[Completion]) -> str | None:
     """The exact model version that answered (feedback points at it): adapter or base."""
     adapter = next((c.adapter for c in completions if c.adapter), None)
     return adapter or (service.engine.base_ref if service.engine else None)
-
-
-def streaming(service: Service, admission: Admission, body: AsyncIterator[bytes]) -> StreamingResponse:
-    async def guarded() -> AsyncIterator[bytes]:
-        try:
-            async for piece in body:
-                yield piece
-        except (APIError, LoomError) as exc:
-            yield error_event(exc)
-            yield DONE
-        finally:
-            admission.release()
-
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(guarded(), media_type="text/event-stream", headers=headers)
 
 
 def build_jobs(
@@ -141,7 +126,7 @@ async def _respond(
     admission = service.admit(len(jobs))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(service, admission, stream(include_usage))
+        return streaming(admission, stream(include_usage), done=True)
     try:
         done = await service.run(request, jobs)
     finally:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from fastapi.responses import StreamingResponse
+
 from loom.engine.types import StreamChunk
+from loom.errors import LoomError
 from loom.serve.errors import APIError
 
 DONE = b"data: [DONE]\n\n"
@@ -59,3 +63,25 @@ async def merge(streams: list[AsyncGenerator[StreamChunk, None]]) -> AsyncIterat
     finally:
         for task in tasks:
             task.cancel()
+
+
+def streaming(admission: Any, body: AsyncIterator[bytes], done: bool) -> StreamingResponse:
+    """An SSE response whose admission is released when the stream ends, fails, or is never
+    iterated at all (a client gone before the headers went out): ``weakref.finalize`` covers
+    the last case, where a never-started generator has no ``finally`` to run."""
+
+    async def guarded() -> AsyncIterator[bytes]:
+        try:
+            async for piece in body:
+                yield piece
+        except (APIError, LoomError) as exc:
+            yield error_event(exc)
+            if done:
+                yield DONE
+        finally:
+            admission.release()
+
+    gen = guarded()
+    weakref.finalize(gen, admission.release)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
