@@ -68,6 +68,7 @@ def bench_serve(
     requests: int = _O(4, "--requests", "-n", help="Requests per client."),
     max_tokens: int = _O(64, "--max-tokens"),
     ignore_eos: bool = _O(True, "--ignore-eos/--stop-at-eos", help="Same work per request."),
+    ramp_up: float = _O(0.0, "--ramp-up", help="Seconds over which clients start (0: all at once)."),
     sweep: str | None = _O(None, "--sweep", help="Vary concurrency ('1,8,32') or pool size ('pool=1,4,8')."),
     csv_path: Path = _O(Path("bench-serve.csv"), "--csv", help="Per-request rows."),
     json_path: Path | None = _O(None, "--json", help="Write the summary (or sweep) as JSON."),
@@ -105,6 +106,7 @@ def bench_serve(
                     max_tokens,
                     ignore_eos,
                     api_key=api_key,
+                    ramp_up_s=ramp_up,
                 )
                 samples, wall = asyncio.run(run_bench(cfg))
             finally:
@@ -116,6 +118,9 @@ def bench_serve(
             all_rows += [(summary, s) for s in samples]
         write_csv([s for _, s in all_rows], csv_path)
         _print(summaries, mix)
+        failed = next((s for _, s in all_rows if s.error), None)
+        if failed is not None:
+            console.print(f"[red]first error[/] ({failed.model}, HTTP {failed.status}): {failed.error}")
         console.print(f"per-request rows: {csv_path}")
         if json_path:
             json_path.write_text(json.dumps(summaries if sweep else summaries[0], indent=2))

@@ -37,6 +37,10 @@ class BenchConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     api_key: str | None = None
     timeout_s: float = 600.0
+    # Spread the clients' first requests over this many seconds. 0 (default) starts them together,
+    # which with equal lengths keeps them in lock-step bursts; a ramp about one request long gives
+    # the staggered arrivals of real traffic.
+    ramp_up_s: float = 0.0
 
 
 @dataclass
@@ -98,6 +102,7 @@ async def run_bench(cfg: BenchConfig) -> tuple[list[Sample], float]:
         t0 = time.monotonic()
 
         async def worker(c: int) -> list[Sample]:
+            await asyncio.sleep(c * cfg.ramp_up_s / max(cfg.concurrency, 1))
             return [await _one(client, cfg, c, i, t0) for i in range(cfg.requests_per_client)]
 
         results = await asyncio.gather(*(worker(c) for c in range(cfg.concurrency)))
