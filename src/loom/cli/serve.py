@@ -97,7 +97,8 @@ def serve(
             "memory (MiB)",
             f"weights {plan.weights_mb} + adapters "
             f"{round(plan.adapter_slots * plan.adapter_slot_mb)} + KV cache {plan.kv_cache_mb} "
-            f"+ activations {plan.activations_mb} = {plan.total_mb} of {plan.budget_mb}",
+            f"+ activations {plan.activations_mb} + runtime {plan.runtime_mb} "
+            f"= {plan.total_mb} of {plan.budget_mb}",
         )
         table.add_row("preload", ", ".join(refs) or "-")
         for note in plan.notes:
