@@ -279,3 +279,29 @@ def test_shutdown_ends_every_request(engine_store: Store) -> None:
                 assert chunk.completion and chunk.completion.finish_reason == "error"
                 assert "shut down" in (chunk.completion.error or "")
                 break
+
+
+def test_damaged_adapter_file_is_refused_while_others_run(
+    engine: Engine, engine_store: Store, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """The engine checks the manifest's sha256 in the same read it loads the weights with."""
+    from helpers import make_lora_adapter
+
+    folder = make_lora_adapter(tiny_dir, tmp_path / "fragile", seed=5, r=4)
+    publish_adapter(engine_store, folder, agent="test", name="fragile", base="tiny@v1", version="v1")
+    stored = engine_store.backend.local_path(engine_store.resolve("fragile@v1").rel)
+    assert stored is not None
+    weights = stored / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit pattern in the last tensor's bytes: still parses as safetensors
+    weights.write_bytes(bytes(data))
+    params = SamplingParams(max_new_tokens=4)
+    bad = engine.submit(PROMPTS[0], adapter="fragile@v1", params=params)
+    fine = engine.submit(PROMPTS[1], params=params)
+    bad_done, fine_done = Engine._wait(bad), Engine._wait(fine)
+    assert bad_done.finish_reason == "error" and "checksum" in (bad_done.error or "")
+    assert bad_done.error_kind == "adapter" and "loom store verify" in (bad_done.error or "")
+    assert fine_done.error is None and len(fine_done.token_ids) == 4
+    with pytest.raises(LoomError, match="checksum"):
+        engine.load_adapter("fragile@v1")
