@@ -126,6 +126,8 @@ def test_n_seed_stop_and_sampling(client: openai.OpenAI) -> None:
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
     assert len({c.message.content for c in a.choices}) > 1  # choices differ from each other
     assert a.usage is not None and a.usage.completion_tokens == 24
+    one = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)
+    assert one.usage is not None and a.usage.prompt_tokens == one.usage.prompt_tokens  # counted once
     greedy = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0)
     text = greedy.choices[0].message.content or ""
     stop = text[3:5]
@@ -187,6 +189,17 @@ def test_openai_error_shapes(client: openai.OpenAI, url: str) -> None:
     with pytest.raises(openai.BadRequestError) as too_many:
         client.chat.completions.create(model="tiny", messages=MSG, max_tokens=10_000)
     assert too_many.value.code == "context_length_exceeded" and "max_tokens" in str(too_many.value)
+    with pytest.raises(openai.BadRequestError) as bad_ids:  # would fail the whole batch in the engine
+        client.completions.create(model="tiny", prompt=[1, 2, 99_999], max_tokens=2)
+    assert "outside the vocabulary" in str(bad_ids.value)
+    with pytest.raises(openai.BadRequestError) as stops:
+        client.chat.completions.create(model="tiny", messages=MSG, stop=["a", "b", "c", "d", "e"])
+    assert stops.value.body["param"] == "stop"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as too_wide:  # never admissible: 400, not a 429 loop
+        client.chat.completions.create(model="tiny", messages=MSG, n=9, max_tokens=2)
+    assert too_wide.value.body["param"] == "n"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=" tiny", messages=MSG, max_tokens=2)
     big = httpx.post(
         f"{url}/v1/chat/completions", content=b"x" * 30_000, headers={"content-type": "application/json"}
     )
@@ -231,6 +244,18 @@ def test_chat_sessions_and_conversation_routes(url: str) -> None:
     assert httpx.delete(f"{url}/conversation", params={"session_id": session}).json()["deleted"]
     gone = httpx.get(f"{url}/conversation", params={"session_id": session})
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "session_not_found"
+
+
+def test_long_chat_session_drops_its_oldest_turns(url: str) -> None:
+    session = None
+    words = "play some music by the beatles " * 8  # about 50 tokens a turn
+    for _ in range(6):
+        body = {"message": words, "max_tokens": 20, "session_id": session}
+        r = httpx.post(f"{url}/chat", json={k: v for k, v in body.items() if v is not None})
+        assert r.status_code == 200, r.text
+        session = r.json()["session_id"]
+        assert r.json()["usage"]["prompt_tokens"] <= 200  # the server's prompt limit
+    assert len(httpx.get(f"{url}/conversation", params={"session_id": session}).json()["messages"]) == 12
 
 
 def test_health_and_info(url: str) -> None:
@@ -288,10 +313,14 @@ def test_pools_and_hot_swap_under_load(url: str, engine: Engine) -> None:
     threads = [threading.Thread(target=load) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    started = time.monotonic()
+    while len(results) < 3 and time.monotonic() - started < 60:  # v1 answers in, more running
+        time.sleep(0.02)
     swapped = httpx.post(f"{url}/workers/pool/{pool['id']}/swap", json={"version": "v2"}, timeout=60)
     assert swapped.status_code == 200 and swapped.json()["adapter"] == "qv4@v2"
-    time.sleep(0.8)
+    deadline = time.monotonic() + 60  # load until requests started after the swap have answered
+    while not any(v == "qv4@v2" for _, v in results[-3:]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     stop.set()
     for t in threads:
         t.join()

@@ -177,7 +177,8 @@ class AdapterCache:
     def install(self, loaded: AdapterWeights, pinned: bool = False) -> Resident:
         with self.lock:
             self.loading.pop(loaded.key, None)
-            if loaded.key in self.resident:
+            if loaded.key in self.resident:  # installed meanwhile by the scheduler: keep a pin asked for
+                self.resident[loaded.key].pinned |= pinned
                 return self.resident[loaded.key]
             self._make_room(loaded.nbytes)
             used = {r.slot for r in self.resident.values()}

@@ -149,6 +149,10 @@ class Engine:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = list(prompt)
+            vocab = self.runner.vocab_size
+            bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < vocab), None)
+            if bad is not None:  # an out-of-range id would fail the whole batch in the embedding lookup
+                raise LoomError(f"token id {bad} is outside the vocabulary (0..{vocab - 1}); send valid ids")
         if not ids:
             raise LoomError("empty prompt: give some text, chat messages or token ids")
         return [int(i) for i in ids]
@@ -306,11 +310,12 @@ class Engine:
         s = self.scheduler.stats()
         with self.adapters.lock:  # other threads may read while the engine thread installs
             resident, counters = sorted(self.adapters.resident), dict(self.adapters.counters)
+            adapter_bytes = sum(r.nbytes for r in self.adapters.resident.values())
         s.update(
             resident_adapters=resident,
             adapter_counters=counters,
             oom_events=self.oom_events,
-            adapter_bytes=self.adapters.bytes,
+            adapter_bytes=adapter_bytes,
             kv_cache_bytes=self.cache.nbytes,
             kv_cache_slots=self.cache.max_seqs,
             max_seq_len=self.cache.max_len,

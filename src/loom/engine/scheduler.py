@@ -117,7 +117,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         in_flight = sum(r.budget_tokens for r in self.running)
-        prefill_tokens = 0
+        longest = 0  # prompts are padded to the longest: rows x longest is what prefill allocates
         admitted: list[Request] = []
         max_rows = min(self.limits.max_batch_size, self.cache.max_seqs)
         for req in list(self.waiting):
@@ -132,14 +132,12 @@ class Scheduler:
                 continue
             if in_flight + req.budget_tokens > self.limits.max_tokens_in_flight and self.running:
                 break  # FCFS: do not let later, smaller requests overtake
-            if (
-                prefill_tokens
-                and prefill_tokens + len(req.prompt_ids) > self.limits.max_prefill_tokens_per_step
-            ):
+            padded = (len(admitted) + 1) * max(longest, len(req.prompt_ids))
+            if admitted and padded > self.limits.max_prefill_tokens_per_step:
                 break
             self.waiting.remove(req)
             in_flight += req.budget_tokens
-            prefill_tokens += len(req.prompt_ids)
+            longest = max(longest, len(req.prompt_ids))
             admitted.append(req)
         if admitted:
             self._prefill(admitted)

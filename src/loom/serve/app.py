@@ -58,8 +58,8 @@ def create_app(cfg: ServeConfig, store: Store | None = None, engine: Engine | No
     app.include_router(routes_openai.router)
     app.include_router(routes_native.router)
     app.include_router(routes_admin.router)
-    app.add_middleware(RequestMetrics, service=service)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(RequestMetrics, service=service)  # outermost: it also counts the 413s
     return app
 
 

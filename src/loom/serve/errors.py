@@ -54,7 +54,13 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        loc = []
+        for part in (
+            first.get("loc", ())[1:] if first.get("loc", ("",))[0] == "body" else first.get("loc", ())
+        ):
+            if not (isinstance(part, int) or str(part).isidentifier()):
+                break  # pydantic's union-member tags ("constrained-str") are not parameter names
+            loc.append(str(part))
         param = ".".join(loc) or None
         msg = str(first.get("msg", "invalid value"))
         if first.get("type") == "extra_forbidden":

@@ -25,6 +25,7 @@ MIB = 2**20
 # The process itself before any model: Python, torch, transformers and the server imported
 # (measured 362 MB RSS on the project's CPU machine), or the CUDA context on a GPU.
 RUNTIME_MB = {"cpu": 400, "cuda": 600}
+PREFILL_TOKENS = EngineConfig().max_prefill_tokens_per_step
 VARIANT_OF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 QUANTIZED_ORDER = ("nf4_bnb", "int8_bnb")
 
@@ -61,6 +62,8 @@ class ServePlan:
             kv_cache_mb=self.kv_cache_mb,
             max_adapters=self.adapter_slots,
             max_rank=self.max_rank,
+            # the byte cap must not refuse what the slots were sized for
+            adapter_cache_mb=max(512, int(self.adapter_slots * self.adapter_slot_mb) + 1),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -113,22 +116,27 @@ def make_plan(
     if info is not None:
         variant, dtype = choose_variant(info, cfg, device)
         # fp16 weighs what bf16 does; the manifest lists bf16 only.
-        weights_mb = info.variant_vram_mb.get(variant.replace("float16", "bfloat16"), info.approx_vram_mb)
+        key = {"float16": "bfloat16"}.get(variant, variant)
+        weights_mb = info.variant_vram_mb.get(key, info.approx_vram_mb)
     else:  # stub mode: no manifest, the model is tiny
         dtype = pick_dtype(cfg.dtype, device)
         variant, weights_mb = VARIANT_OF_DTYPE[dtype], 1
     nbytes = torch.empty((), dtype=dtype).element_size()
     budget = cfg.memory_mb or int(device_memory_mb(device) * cfg.memory_fraction)
     max_rank = max([cfg.max_rank, *preload_ranks])
-    slot_mb = arch.num_hidden_layers * _lora_dims(arch) * max_rank * nbytes / MIB
+    # +1: the engine keeps an all-zero slot that base-only rows point at
+    slot_mb = arch.num_hidden_layers * _lora_dims(arch) * max_rank * nbytes / MIB * (1 + 1 / cfg.max_adapters)
     head_dim = arch.hidden_size // arch.num_attention_heads
     per_seq_mb = (
         2 * arch.num_hidden_layers * arch.num_key_value_heads * head_dim * nbytes * cfg.max_seq_len / MIB
     )
-    # Peak activations: the batched prefill of up to 4096 tokens through one layer (hidden,
-    # q/k/v/o and the MLP's gate/up at once) plus fp32 logits for the whole batch.
-    prefill_tokens = min(4096, cfg.max_batch_size * cfg.max_seq_len)
+    # Peak activations: one batched prefill, whose padded size (rows x longest prompt) the
+    # scheduler keeps within max_prefill_tokens_per_step (a single longer prompt still runs),
+    # through one layer (hidden, q/k/v/o and the MLP's gate/up at once), its attention scores
+    # (rows x heads x T x T, fp32 at worst) and fp32 logits for the whole batch.
+    prefill_tokens = max(min(PREFILL_TOKENS, cfg.max_batch_size * cfg.max_seq_len), cfg.max_seq_len)
     act_bytes = prefill_tokens * (6 * arch.hidden_size + 3 * arch.intermediate_size) * nbytes
+    act_bytes += prefill_tokens * arch.num_attention_heads * cfg.max_seq_len * 4
     act_bytes += cfg.max_batch_size * arch.vocab_size * 4 * 2
     activations_mb = int(act_bytes / MIB) + 64  # + allocator slack
     runtime_mb = RUNTIME_MB.get(device.type, RUNTIME_MB["cpu"])

@@ -103,6 +103,10 @@ class PoolManager:
             if key != old and not any(p.adapter == old for p in self.pools.values() if p is not pool):
                 engine.pin_adapter(old, False)  # evictable once idle
             pool.adapter = key
+            registry = self.service.registry
+            agent = registry.agents.get(pool.model) if registry else None
+            if agent is not None and agent.adapter and parse_ref(agent.adapter).name == name:
+                agent.adapter = key  # an agent pinned to name@version follows its pool's swap too
             pool.swaps.append({"from": old, "to": key, "at": time.time()})
             return pool
 

@@ -41,6 +41,13 @@ class ModelRegistry:
         self.created = int(time.time())
 
     def resolve(self, model: str | None) -> Target:
+        if model is not None and (model != model.strip() or len(model) > 128):
+            # the name becomes a metric label and is echoed back: one spelling per model
+            raise APIError(
+                400,
+                "model: give a name without surrounding whitespace, at most 128 characters",
+                param="model",
+            )
         if not model or model in (self.base_name, self.base_ref, "base"):
             return Target(model or self.base_name, None)
         agent = self.agents.get(model)

@@ -3,6 +3,7 @@ conversations, /conversation, /health and /info."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -63,7 +64,7 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
         seed=body.seed,
         stop=body.stop,
     )
-    job = service.job(body.prompt, target, params, body.max_tokens is not None)
+    job = await asyncio.to_thread(service.job, body.prompt, target, params, body.max_tokens is not None)
     admission = service.admit()
     try:
         (done,) = await service.run(request, [job])
@@ -72,24 +73,34 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
     return _answer(job, done, text=done.text)
 
 
-def _chat_job(service: Service, body: ChatRequest, request: Request) -> tuple[Job, str]:
+async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tuple[Job, str]:
     target = _target(service, body.agent, body.adapter)
     request.state.model = target.model
     session = body.session_id or service.conversations.new_id()
     system = "\n\n".join(s for s in (target.system, body.context and f"Context:\n{body.context}") if s)
-    history = service.conversations.history(session) or []
-    messages = ([{"role": "system", "content": system}] if system else []) + history
-    messages.append({"role": "user", "content": body.message})
-    params = SamplingParams(
-        max_new_tokens=body.max_tokens or service.cfg.default_max_tokens, temperature=body.temperature
-    )
-    return service.job(messages, target, params, body.max_tokens is not None), session
+    history = list(service.conversations.history(session) or [])  # read on the loop, used in a thread
+
+    def build() -> Job:
+        while True:  # a long session keeps working: its oldest turns fall out of the prompt
+            messages = ([{"role": "system", "content": system}] if system else []) + history
+            messages.append({"role": "user", "content": body.message})
+            params = SamplingParams(
+                max_new_tokens=body.max_tokens or service.cfg.default_max_tokens, temperature=body.temperature
+            )
+            try:
+                return service.job(messages, target, params, body.max_tokens is not None)
+            except APIError as exc:
+                if exc.code != "context_length_exceeded" or not history:
+                    raise
+                del history[:2]
+
+    return await asyncio.to_thread(build), session
 
 
 @router.post("/chat", dependencies=[Depends(require_key)])
 async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    job, session = _chat_job(service, body, request)
+    job, session = await _chat_job(service, body, request)
     admission = service.admit()
     try:
         (done,) = await service.run(request, [job])
@@ -104,7 +115,7 @@ async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
 @router.post("/chat/stream", dependencies=[Depends(require_key)], response_model=None)
 async def chat_stream(body: ChatRequest, request: Request) -> Response:
     service = service_of(request)
-    job, session = _chat_job(service, body, request)
+    job, session = await _chat_job(service, body, request)
     admission = service.admit()
 
     async def events() -> AsyncIterator[bytes]:
@@ -116,6 +127,7 @@ async def chat_stream(body: ChatRequest, request: Request) -> Response:
                 service.conversations.append(
                     session, {"role": "user", "content": body.message}, {"role": "assistant", "content": text}
                 )
+                admission.release()  # the engine work is done: a slow reader must not hold a queue place
                 yield event(_answer(job, piece.completion, session_id=session, response=text, done=True))
 
     return streaming(admission, events(), done=False)

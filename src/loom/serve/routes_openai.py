@@ -25,7 +25,7 @@ from loom.serve.schemas import (
     SamplingFields,
     UnloadLoraRequest,
 )
-from loom.serve.service import Job, Service
+from loom.serve.service import Admission, Job, Service
 from loom.serve.sse import DONE, event, merge, streaming
 
 router = APIRouter()
@@ -50,7 +50,7 @@ def sampling(body: SamplingFields, default_max: int, choice: int) -> SamplingPar
 
 
 def usage(jobs: list[Job], completions: list[Completion]) -> dict[str, int]:
-    prompt = sum(len(j.ids) for j in {id(j.ids): j for j in jobs}.values())  # each prompt once
+    prompt = sum(len(j.ids) for j in {j.prompt_index: j for j in jobs}.values())  # each prompt once
     generated = sum(len(c.token_ids) for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
@@ -69,12 +69,20 @@ def build_jobs(
     processor: Callable[[], LogitsProcessor] | None = None,
 ) -> list[Job]:
     given = body.max_tokens is not None or body.max_completion_tokens is not None
+    if len(prompts) * body.n > service.capacity:  # could never be admitted: not a retryable 429
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts x n={body.n} generations exceed this server's capacity "
+            f"of {service.capacity}; send fewer at once",
+            param="n",
+        )
     jobs: list[Job] = []
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
         ids: Any = prompt
         for i in range(body.n):
             params = sampling(body, service.cfg.default_max_tokens, i)
             job = service.job(ids, target, params, given, processor() if processor else None)
+            job.prompt_index = index
             ids = job.ids  # tokenize each prompt once
             jobs.append(job)
     return jobs
@@ -91,8 +99,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     ]
     if target.system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": target.system})
-    processor = _response_format(engine, body)
-    jobs = build_jobs(service, [messages], target, body, processor)
+    processor = await asyncio.to_thread(_response_format, engine, body)
+    jobs = await asyncio.to_thread(build_jobs, service, [messages], target, body, processor)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def result(done: list[Completion]) -> list[dict[str, Any]]:
@@ -106,8 +114,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             for i, c in enumerate(done)
         ]
 
-    def stream(include_usage: bool) -> AsyncIterator[bytes]:
-        return _chat_stream(service, jobs, target, rid, created, include_usage)
+    def stream(include_usage: bool, admission: Admission) -> AsyncIterator[bytes]:
+        return _chat_stream(service, jobs, target, rid, created, include_usage, admission)
 
     head = {"id": rid, "object": "chat.completion", "created": created, "model": target.model}
     return await _respond(request, service, jobs, body, head, result, stream)
@@ -120,13 +128,13 @@ async def _respond(
     body: SamplingFields,
     head: dict[str, Any],
     choices: Callable[[list[Completion]], list[dict[str, Any]]],
-    stream: Callable[[bool], AsyncIterator[bytes]],
+    stream: Callable[[bool, Admission], AsyncIterator[bytes]],
 ) -> Response:
     """Admit the jobs, then stream them as SSE or answer once with every choice and usage."""
     admission = service.admit(len(jobs))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(admission, stream(include_usage), done=True)
+        return streaming(admission, stream(include_usage, admission), done=True)
     try:
         done = await service.run(request, jobs)
     finally:
@@ -158,7 +166,13 @@ def _response_format(engine: Any, body: ChatCompletionRequest) -> Callable[[], L
 
 
 async def _chat_stream(
-    service: Service, jobs: list[Job], target: Target, rid: str, created: int, include_usage: bool
+    service: Service,
+    jobs: list[Job],
+    target: Target,
+    rid: str,
+    created: int,
+    include_usage: bool,
+    admission: Admission,
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return event(
@@ -184,6 +198,7 @@ async def _chat_stream(
                 [{"index": i, "delta": {}, "finish_reason": piece.completion.finish_reason}],
                 system_fingerprint=fingerprint(service, [piece.completion]),
             )
+    admission.release()  # the engine work is done: a slow reader must not hold a queue place
     if include_usage:
         yield chunk([], usage=usage(jobs, finished))
     yield DONE
@@ -202,7 +217,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         prompts = list(prompt)
     if not prompts or any(not p for p in prompts):
         raise APIError(400, "prompt is empty; give text or token ids", param="prompt")
-    jobs = build_jobs(service, prompts, target, body)
+    jobs = await asyncio.to_thread(build_jobs, service, prompts, target, body)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = [engine.tokenizer.decode(j.ids) if body.echo else "" for j in jobs]
 
@@ -212,8 +227,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             for i, c in enumerate(done)
         ]
 
-    def stream(include_usage: bool) -> AsyncIterator[bytes]:
-        return _text_stream(service, jobs, target, rid, created, include_usage, echo)
+    def stream(include_usage: bool, admission: Admission) -> AsyncIterator[bytes]:
+        return _text_stream(service, jobs, target, rid, created, include_usage, echo, admission)
 
     head = {"id": rid, "object": "text_completion", "created": created, "model": target.model}
     return await _respond(request, service, jobs, body, head, result, stream)
@@ -227,6 +242,7 @@ async def _text_stream(
     created: int,
     include_usage: bool,
     echo: list[str],
+    admission: Admission,
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return event(
@@ -250,6 +266,7 @@ async def _text_stream(
             yield chunk([{"index": i, "text": piece.text, "logprobs": None, "finish_reason": reason}])
         if piece.completion is not None:
             finished.append(piece.completion)
+    admission.release()  # the engine work is done: a slow reader must not hold a queue place
     if include_usage:
         yield chunk([], usage=usage(jobs, finished))
     yield DONE

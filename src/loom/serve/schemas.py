@@ -3,9 +3,15 @@ client relying on a parameter Loom does not implement hears about it instead of 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# OpenAI allows 4 stop sequences; long or many stops would be matched on every token of the
+# shared engine thread, so both are bounded.
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+StopList = Annotated[list[StopString], Field(max_length=4)]
+Seed = Annotated[int, Field(ge=0, le=2**62)]
 
 
 class _Body(BaseModel):
@@ -54,8 +60,8 @@ class SamplingFields(_Body):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | StopList | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=0, le=0)  # accepted only as 0: not implemented
@@ -89,8 +95,8 @@ class GenerateRequest(_Body):
     agent: str | None = None
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    stop: StopList = Field(default_factory=list)
+    seed: Seed | None = None
 
 
 class ChatRequest(_Body):

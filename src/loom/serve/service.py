@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
 from starlette.requests import Request
 
 from loom.engine import Engine, SamplingParams
@@ -44,6 +45,7 @@ class Job:
     target: Target
     params: SamplingParams
     processor: LogitsProcessor | None = None
+    prompt_index: int = 0  # usage counts each prompt once, however many choices share it
 
 
 class Service:
@@ -109,7 +111,12 @@ class Service:
         engine, _ = self.ready()
         if target.adapter is not None:
             engine.adapters.resolve(target.adapter)  # unknown or incompatible: 404/400 before any output
-        ids = engine.tokenize(prompt)
+        try:
+            ids = engine.tokenize(prompt)
+        except TemplateError as exc:  # e.g. a chat template that insists on alternating roles
+            raise APIError(
+                400, f"the base's chat template refused these messages: {exc}", param="messages"
+            ) from None
         max_len = engine.cache.max_len
         limit = min(self.cfg.max_prompt_tokens or max_len - 1, max_len - 1)
         if len(ids) > limit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -82,6 +83,12 @@ def streaming(admission: Any, body: AsyncIterator[bytes], done: bool) -> Streami
             admission.release()
 
     gen = guarded()
-    weakref.finalize(gen, admission.release)
+    weakref.finalize(gen, _release_on_loop, asyncio.get_running_loop(), admission)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
+
+
+def _release_on_loop(loop: asyncio.AbstractEventLoop, admission: Any) -> None:
+    """The garbage collector may run this on any thread; the counter belongs to the loop."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to count
+        loop.call_soon_threadsafe(admission.release)
