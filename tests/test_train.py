@@ -212,3 +212,22 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_dir: Path) -> None:
         together = model(input_ids=packed, position_ids=positions).logits[0, len(a) :]
         alone = model(input_ids=torch.tensor([b])).logits[0]
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_packing_keeps_every_example_whole_and_mixes_lengths() -> None:
+    """Rows are filled first-fit in shuffled order: TRL's best-fit-decreasing sorted rows by
+    length, so optimizer steps came out all-long or all-short (the packed-loss gap)."""
+    from loom.train.tokenize import Tokenized
+    from loom.train.trainer import _packed_dataset
+
+    lengths = [6] * 30 + [40] * 10  # short and long examples, like SNIPS next to SQuAD
+    items = [Tokenized(str(i), list(range(n)), [-100] * (n - 1) + [i]) for i, n in enumerate(lengths)]
+    rows = _packed_dataset(items, max_len=96, seed=0)
+    assert all(len(r["input_ids"]) <= 96 and sum(r["seq_lengths"]) == len(r["input_ids"]) for r in rows)
+    supervised = sorted(x for r in rows for x in r["labels"] if x != -100)
+    assert supervised == list(range(len(items)))  # every example exactly once, never split
+    # Longest-first packing pairs the long ones (40+40+2x6) and leaves 20 short ones in
+    # short-only rows; in shuffled order short-only rows are the exception.
+    short_only = [r for r in rows if set(r["seq_lengths"]) == {6}]
+    assert sum(len(r["seq_lengths"]) for r in short_only) < 10, rows["seq_lengths"]
+    assert _packed_dataset(items, 96, seed=0)["seq_lengths"] == rows["seq_lengths"]  # deterministic

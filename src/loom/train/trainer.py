@@ -22,6 +22,30 @@ def _dataset(items: list[Tokenized]) -> Any:
     return Dataset.from_list([{"input_ids": t.input_ids, "labels": t.labels} for t in items])
 
 
+def _packed_dataset(items: list[Tokenized], max_len: int, seed: int) -> Any:
+    """First-fit packing in shuffled order. TRL's BFD sorts by length, so long examples
+    pair up with each other and short ones fill rows of their own: rows (and so optimizer
+    steps) come out sorted by kind. Random order keeps each row a random mix, like the
+    padded random batches; examples never split, rows never exceed max_len."""
+    import random
+
+    from datasets import Dataset
+
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    rows: list[dict[str, list[int]]] = []
+    for i in order:
+        t = items[i]
+        row = next((r for r in rows if len(r["input_ids"]) + len(t.input_ids) <= max_len), None)
+        if row is None:
+            row = {"input_ids": [], "labels": [], "seq_lengths": []}
+            rows.append(row)
+        row["input_ids"] += t.input_ids
+        row["labels"] += t.labels
+        row["seq_lengths"].append(len(t.input_ids))
+    return Dataset.from_list(rows)
+
+
 def _load_model(cfg: TrainConfig, path: str, device: Any, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -105,8 +129,10 @@ def fit(
         eval_strategy="no",
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         seed=cfg.seed,
-        max_length=cfg.max_seq_length,
-        packing=cfg.packing,
+        # Packed here (see _packed_dataset), then flattened padding-free by TRL's collator.
+        max_length=None if cfg.packing else cfg.max_seq_length,
+        packing=False,
+        padding_free=cfg.packing,
         bf16=dtype == torch.bfloat16 and device.type == "cuda",
         fp16=dtype == torch.float16,
         use_cpu=device.type == "cpu",
@@ -124,7 +150,9 @@ def fit(
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=_dataset(items),
+        train_dataset=_packed_dataset(items, cfg.max_seq_length, cfg.seed)
+        if cfg.packing
+        else _dataset(items),
         eval_dataset=_dataset(eval_items) if eval_items else None,
         processing_class=tokenizer,
         callbacks=[log, RichProgress(console)],
