@@ -128,6 +128,7 @@ class AdapterCache:
         self.routes: dict[str, str] = {}  # bare name -> name@version for new requests
         self.loading: dict[str, Future[AdapterWeights]] = {}
         self.checksums: dict[str, dict[str, str]] = {}  # name@version -> file -> sha256
+        self.folders: dict[str, Path] = {}  # name@version -> local folder, once resolved
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loom-adapter-load")
         self.lock = threading.Lock()
         self.counters = {"loads": 0, "load_failures": 0, "evictions": 0, "swaps": 0}
@@ -148,12 +149,20 @@ class AdapterCache:
             raise LoomError(f"adapter {ref}: this engine has no store; pass a local adapter folder")
         with self.lock:
             routed = self.routes.get(parsed.name) if parsed.selector is None else None
+            known = routed or (ref if parsed.selector is not None else None)
+            if known in self.resident and known in self.folders:
+                # a version is immutable and was kind- and fingerprint-checked when it was loaded:
+                # requests for a resident adapter need no store lookup (the hot path)
+                return known, self.folders[known]
         resolved = resolve_adapter(self.store, routed or ref, self.fingerprint, "the base this engine serves")
         with self.lock:
             if parsed.selector is None and routed is None:
                 self.routes.setdefault(parsed.name, resolved.ref)
             self.checksums[resolved.ref] = {f.path: f.sha256 for f in resolved.manifest.files}
-        return resolved.ref, materialize(self.store, resolved)
+        folder = materialize(self.store, resolved)
+        with self.lock:
+            self.folders[resolved.ref] = folder
+        return resolved.ref, folder
 
     def request_load(self, key: str, folder: Path) -> Future[AdapterWeights] | None:
         """Start reading ``key`` in the background unless resident or already loading."""

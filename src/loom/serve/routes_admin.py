@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from loom.serve.auth import require_admin, require_key
 from loom.serve.errors import APIError
 from loom.serve.schemas import PoolCreate, PoolSwap
+from loom.serve.service import service_of
 
 router = APIRouter()
 
@@ -28,7 +29,7 @@ async def list_pools(request: Request) -> dict[str, Any]:
 
 @router.post("/workers/pools", dependencies=[Depends(require_admin)], status_code=201)
 async def create_pool(body: PoolCreate, request: Request) -> dict[str, Any]:
-    service = request.app.state.service
+    service = service_of(request)
     _engine, registry = service.ready()
     if body.base is not None and body.base not in (registry.base_name, registry.base_ref):
         raise APIError(
@@ -56,5 +57,5 @@ async def delete_pool(pool_id: str, request: Request) -> dict[str, Any]:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    registry = request.app.state.service.metrics.registry
+    registry = service_of(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -17,22 +17,16 @@ from loom.serve.auth import require_key
 from loom.serve.errors import APIError
 from loom.serve.registry import Target
 from loom.serve.schemas import ChatRequest, GenerateRequest
-from loom.serve.service import Job, Service
+from loom.serve.service import Job, Service, resolve_target, service_of
 from loom.serve.sse import event, streaming
 
 router = APIRouter()
 
 
-def service_of(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
-def _target(service: Service, agent: str | None, adapter: str | None) -> Target:
-    _engine, registry = service.ready()
+def _target(request: Request, agent: str | None, adapter: str | None) -> Target:
     if agent and adapter:
         raise APIError(400, "give either agent or adapter, not both", param="adapter")
-    return registry.resolve(agent or adapter)
+    return resolve_target(request, agent or adapter)
 
 
 def _answer(job: Job, completion: Any, **extra: Any) -> dict[str, Any]:
@@ -55,8 +49,7 @@ def _answer(job: Job, completion: Any, **extra: Any) -> dict[str, Any]:
 @router.post("/generate", dependencies=[Depends(require_key)])
 async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    target = _target(service, body.agent, body.adapter)
-    request.state.model = target.model
+    target = _target(request, body.agent, body.adapter)
     params = SamplingParams(
         max_new_tokens=body.max_tokens or service.cfg.default_max_tokens,
         temperature=body.temperature,
@@ -74,8 +67,7 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
 
 
 async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tuple[Job, str]:
-    target = _target(service, body.agent, body.adapter)
-    request.state.model = target.model
+    target = _target(request, body.agent, body.adapter)
     session = body.session_id or service.conversations.new_id()
     system = "\n\n".join(s for s in (target.system, body.context and f"Context:\n{body.context}") if s)
     history = list(service.conversations.history(session) or [])  # read on the loop, used in a thread

@@ -25,15 +25,10 @@ from loom.serve.schemas import (
     SamplingFields,
     UnloadLoraRequest,
 )
-from loom.serve.service import Admission, Job, Service
+from loom.serve.service import Admission, Job, Service, resolve_target, service_of
 from loom.serve.sse import DONE, event, merge, streaming
 
 router = APIRouter()
-
-
-def service_of(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
 
 
 def sampling(body: SamplingFields, default_max: int, choice: int) -> SamplingParams:
@@ -91,9 +86,8 @@ def build_jobs(
 @router.post("/v1/chat/completions", dependencies=[Depends(require_key)], response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     service = service_of(request)
-    engine, registry = service.ready()
-    target = registry.resolve(body.model)
-    request.state.model = target.model
+    engine, _registry = service.ready()
+    target = resolve_target(request, body.model)
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
     ]
@@ -207,9 +201,8 @@ async def _chat_stream(
 @router.post("/v1/completions", dependencies=[Depends(require_key)], response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     service = service_of(request)
-    engine, registry = service.ready()
-    target = registry.resolve(body.model)
-    request.state.model = target.model
+    engine, _registry = service.ready()
+    target = resolve_target(request, body.model)
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompts: list[Any] = [prompt]

@@ -220,6 +220,19 @@ class Service:
         return completion
 
 
+def service_of(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def resolve_target(request: Request, model: str | None) -> Target:
+    """The request's ``model`` -> what the engine runs; also the request's metric label."""
+    _engine, registry = service_of(request).ready()
+    target = registry.resolve(model)
+    request.state.model = target.model
+    return target
+
+
 async def _disconnected(request: Request) -> None:
     """Return when the client closes the connection (the body has already been read)."""
     while True:
