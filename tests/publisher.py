@@ -1,7 +1,7 @@
 """A publishing process for crash and concurrency tests.
 
 usage: python publisher.py ROOT NAME VERSION|auto SIZE_MB NFILES [GO_FILE]
-Prints {"version", "sha"} on success; exit 3 when the version already exists.
+Prints "ready" once imported, then {"version", "sha"} on success; exit 3 when the version already exists.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from loom.store.manifest import Source
 def main() -> int:
     root, name, version, size_mb, nfiles = sys.argv[1:6]
     go = sys.argv[6] if len(sys.argv) > 6 else None
+    print("ready", flush=True)  # imports done: the crash test times its kills from here
     while go and not os.path.exists(go):
         time.sleep(0.005)
     seed = f"{os.getpid()}-{time.time_ns()}".encode()

@@ -29,7 +29,7 @@ def _run(root: Path, name: str, version: str) -> dict[str, str]:
     proc = _spawn(root, name, version)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    return json.loads(out)
+    return json.loads(out.splitlines()[-1])
 
 
 def _content_sha(store: Store, ref: str) -> str:
@@ -45,14 +45,17 @@ def test_sigkill_at_random_points_leaves_no_partial_version(tmp_path: Path) -> N
     store = Store(root)
     baseline = [_run(root, "blobs", f"base{i}") for i in range(2)]
     store.set_alias("blobs", "current", "base1")
-    started = time.monotonic()
-    _run(root, "blobs", "timing")
+    timing = _spawn(root, "blobs", "timing")
+    assert timing.stdout is not None and timing.stdout.readline().strip() == "ready"
+    started = time.monotonic()  # from the end of the imports: kills land in the publish itself
+    assert timing.wait(timeout=60) == 0
     duration = time.monotonic() - started
 
     rng = random.Random(1234)
     killed = 0
     for i in range(20):
         proc = _spawn(root, "blobs", f"k{i}")
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, duration * 1.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -86,7 +89,7 @@ def test_concurrent_publishers_lose_nothing(tmp_path: Path) -> None:
     results = []
     for proc in distinct + same + auto:
         out, _ = proc.communicate(timeout=120)
-        results.append((proc.returncode, json.loads(out)))
+        results.append((proc.returncode, json.loads(out.splitlines()[-1])))
 
     d, s, a = results[:5], results[5:10], results[10:]
     assert all(code == 0 for code, _ in d + a)
