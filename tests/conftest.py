@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import ADAPTERS, make_lora_adapter, make_tiny_mistral
+from helpers import ADAPTERS, make_lora_adapter, make_tiny_mistral, tiny_engine
 from typer.testing import CliRunner
 
 from loom.cli.main import app
+from loom.engine import Engine
 from loom.store import Store
 from loom.store.adapters import publish_adapter
 from loom.store.importers import import_hf_dir
@@ -65,3 +67,13 @@ def default_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     result = CliRunner().invoke(app, ["store", "import-base", "--default", "--store", str(root)])
     assert result.exit_code == 0, (result.output, result.exception)
     return Store(root)
+
+
+@pytest.fixture(scope="module")
+def engine(engine_store: Store) -> Iterator[Engine]:
+    """An engine on the tiny base, one per test module (modules may define their own)."""
+    eng = tiny_engine(
+        engine_store, max_batch_size=8, max_seq_len=128, kv_cache_mb=16, max_adapters=4, max_rank=8
+    )
+    yield eng
+    eng.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,3 +65,9 @@ def import_retemplated_base(store, base_ref: str, tmp: Path, name: str) -> str: 
     (other / "chat_template.jinja").unlink(missing_ok=True)
     m = import_hf_dir(store, other, name, version="v1")
     return f"{m.name}@{m.version}"
+
+
+def tiny_engine(store: Any, **config: int) -> Any:  # Engine on the store's "tiny" base
+    from loom.engine import Engine
+
+    return Engine.from_store("tiny", device="cpu", store=store, **config)

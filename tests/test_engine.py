@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_engine
 
 from loom.engine import Engine, SamplingParams
 from loom.engine.detok import IncrementalDecoder
@@ -19,19 +19,6 @@ from loom.store import Store
 from loom.store.adapters import publish_adapter
 
 PROMPTS = ["play some music", "what is the weather", "book a table for two", "the quick brown fox"]
-
-
-@pytest.fixture(scope="module")
-def engine(engine_store: Store) -> Iterator[Engine]:
-    eng = tiny_engine(
-        engine_store, max_batch_size=8, max_seq_len=128, kv_cache_mb=16, max_adapters=4, max_rank=8
-    )
-    yield eng
-    eng.shutdown()
-
-
-def tiny_engine(store: Store, **config: int) -> Engine:
-    return Engine.from_store("tiny", device="cpu", store=store, **config)
 
 
 def peft_model(store: Store, adapter: str | None) -> tuple[object, object]:
@@ -66,6 +53,20 @@ def test_mixed_batch_matches_peft(engine: Engine, engine_store: Store) -> None:
     results = engine.generate_many(jobs, params=SamplingParams(max_new_tokens=10))
     for (prompt, adapter), done in zip(jobs, results, strict=True):
         assert done.adapter == adapter
+        assert done.token_ids == reference(engine_store, adapter, prompt, 10, eos), (prompt, adapter)
+
+
+def test_mixed_batch_matches_peft_with_gathered_deltas(
+    engine: Engine, engine_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode normally computes few-adapter deltas densely; force the per-row gather path."""
+    import loom.engine.lora
+
+    monkeypatch.setattr(loom.engine.lora, "DENSE_MAX_COLUMNS", 0)
+    eos = engine.scheduler.eos_ids
+    jobs = [(PROMPTS[i % 4], a) for i, a in enumerate(["all8@v1", "o2@v1", None, "qv4@v1"])]
+    results = engine.generate_many(jobs, params=SamplingParams(max_new_tokens=10))
+    for (prompt, adapter), done in zip(jobs, results, strict=True):
         assert done.token_ids == reference(engine_store, adapter, prompt, 10, eos), (prompt, adapter)
 
 

@@ -271,10 +271,16 @@ def test_metrics_counters_move(client: openai.OpenAI, url: str) -> None:
     before = metric(url, "loom_requests_total", route=route, model="o2", status="200")
     tokens = metric(url, "loom_completion_tokens_total", model="o2")
     ttft = metric(url, "loom_time_to_first_token_seconds_count", model="o2")
+    hits = metric(url, "loom_prefix_cache_hits_total")
     client.chat.completions.create(model="o2", messages=MSG, max_tokens=5, temperature=0)
-    assert metric(url, "loom_requests_total", route=route, model="o2", status="200") == before + 1
-    assert metric(url, "loom_completion_tokens_total", model="o2") == tokens + 5
-    assert metric(url, "loom_time_to_first_token_seconds_count", model="o2") == ttft + 1
+    client.chat.completions.create(model="o2", messages=MSG, max_tokens=5, temperature=0)  # same prompt
+    assert metric(url, "loom_prefix_cache_hits_total") >= hits + 1
+    assert (
+        metric(url, "loom_prefix_cache_tokens_saved_total") > 0 and metric(url, "loom_prefix_cache_bytes") > 0
+    )
+    assert metric(url, "loom_requests_total", route=route, model="o2", status="200") == before + 2
+    assert metric(url, "loom_completion_tokens_total", model="o2") == tokens + 10
+    assert metric(url, "loom_time_to_first_token_seconds_count", model="o2") == ttft + 2
     assert metric(url, "loom_inter_token_latency_seconds_count") >= 4
     assert metric(url, "loom_adapter_loads_total") >= 1 and metric(url, "loom_resident_adapters") >= 1
     for name in (

@@ -46,6 +46,11 @@ def test_plan_refuses_over_commit_and_says_by_how_much(engine_store: Store) -> N
         env={"LOOM_STORE": engine_store.url},
     )
     assert result.exit_code == 2 and "over by" in result.output
+    fits = plan_from_store(ServeConfig(base="tiny", device="cpu", memory_mb=800), engine_store, [])
+    assert 0 < fits.prefix_cache_mb <= 256 and fits.total_mb <= 800  # the default takes what is left
+    asked = ServeConfig(base="tiny", device="cpu", memory_mb=800, prefix_cache_mb=fits.prefix_cache_mb + 300)
+    with pytest.raises(LoomError, match=r"prefix cache \d+.* over by \d+ MiB"):
+        plan_from_store(asked, engine_store, [])
     lowered = plan_from_store(
         ServeConfig(base="tiny", device="cpu", memory_mb=520, max_seq_len=256), engine_store, []
     )

@@ -24,6 +24,11 @@ def serve(
     max_batch_size: int = _O(32, "--max-batch-size", help="Requests decoded together."),
     max_seq_len: int = _O(1024, "--max-seq-len", help="Prompt + generated tokens per request."),
     kv_cache_mb: int | None = _O(None, "--kv-cache-mb", help="KV-cache budget (default: from the plan)."),
+    prefix_cache_mb: int | None = _O(
+        None,
+        "--prefix-cache-mb",
+        help="K/V of recent prompt prefixes kept for reuse (MiB; 0: off; default: plan).",
+    ),
     max_adapters: int = _O(16, "--max-adapters", help="Adapters resident at once."),
     max_rank: int = _O(16, "--max-rank", help="Largest LoRA rank served."),
     memory_mb: int | None = _O(None, "--memory-mb", help="Memory budget (default: 90% of free)."),
@@ -59,6 +64,7 @@ def serve(
         max_batch_size=max_batch_size,
         max_seq_len=max_seq_len,
         kv_cache_mb=kv_cache_mb,
+        prefix_cache_mb=prefix_cache_mb,
         max_adapters=max_adapters,
         max_rank=max_rank,
         memory_mb=memory_mb,
@@ -97,6 +103,7 @@ def serve(
             "memory (MiB)",
             f"weights {plan.weights_mb} + adapters "
             f"{round(plan.adapter_slots * plan.adapter_slot_mb)} + KV cache {plan.kv_cache_mb} "
+            f"+ prefix cache {plan.prefix_cache_mb} "
             f"+ activations {plan.activations_mb} + runtime {plan.runtime_mb} "
             f"= {plan.total_mb} of {plan.budget_mb}",
         )

@@ -45,6 +45,7 @@ class Resident:
     slot: int
     nbytes: int
     rank: int
+    serial: int = 0  # distinguishes installs of the same key (a local folder can change between them)
     pinned: bool = False
     refs: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -194,7 +195,8 @@ class AdapterCache:
             slot = next(s for s in range(self.max_slots) if s not in used)
             for module, (a, b, scale) in loaded.weights.items():
                 self.runner.lora_modules[module].set_slot(slot, a, b, scale)
-            entry = Resident(loaded.key, slot, loaded.nbytes, loaded.rank, pinned=pinned)
+            serial = self.counters["loads"]
+            entry = Resident(loaded.key, slot, loaded.nbytes, loaded.rank, serial=serial, pinned=pinned)
             self.resident[loaded.key] = entry
             self.counters["loads"] += 1
             self.load_seconds.append(loaded.load_seconds)

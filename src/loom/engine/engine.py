@@ -24,6 +24,7 @@ import torch
 
 from loom.engine.adapters import AdapterCache
 from loom.engine.detok import IncrementalDecoder
+from loom.engine.prefix_cache import PrefixCache
 from loom.engine.request import Request, Sink
 from loom.engine.runner import ATTN_TARGETS, ModelRunner
 from loom.engine.scheduler import Limits, Scheduler
@@ -45,6 +46,7 @@ class EngineConfig:
     adapter_cache_mb: int = 512
     max_rank: int = 16
     lora_targets: tuple[str, ...] = ATTN_TARGETS
+    prefix_cache_mb: int = 256  # K/V of recent prompts kept for prefix reuse; 0 turns reuse off
 
 
 class Engine:
@@ -98,7 +100,9 @@ class Engine:
             max_tokens_in_flight=cfg.max_tokens_in_flight or self.cache.max_seqs * cfg.max_seq_len,
             max_prefill_tokens_per_step=cfg.max_prefill_tokens_per_step,
         )
-        self.scheduler = Scheduler(self.runner, self.cache, self.adapters, limits, _eos_ids(model, tokenizer))
+        prefix = PrefixCache(cfg.prefix_cache_mb * 2**20)
+        eos = _eos_ids(model, tokenizer)
+        self.scheduler = Scheduler(self.runner, self.cache, self.adapters, limits, eos, prefix)
 
     def _main(self, model: Any, tokenizer: Any, loader: Any) -> None:
         try:

@@ -1,8 +1,8 @@
 """The model runner: a Llama/Mistral-family forward pass over our own KV cache.
 
 It reuses the Hugging Face model's modules (embeddings, RMSNorm, rotary
-embedding, MLP, projections wrapped by BatchedLoRALinear) and owns only the
-attention over the slot cache, so numerics match transformers while requests
+embedding, MLP, weights of the projections, merged and given LoRA slots by ``loom.engine.lora``) and
+owns only the attention over the slot cache, so numerics match transformers while requests
 of different lengths and adapters share one decode step.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.engine.kv_cache import KVCache
-from loom.engine.lora import BatchedLoRALinear, BatchLoRAContext, FastLinear, fast_linear
+from loom.engine.lora import BatchLoRAContext, LoRASlots, Projection, vocab_linear
 from loom.errors import LoomError
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -46,27 +46,40 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         rope_module = importlib.import_module(type(model).__module__)
         self._apply_rope = rope_module.apply_rotary_pos_emb
-        self.ctx = BatchLoRAContext(zero_slot=num_slots)
-        self.lora_modules: dict[str, BatchedLoRALinear] = {}
+        self.ctx = BatchLoRAContext(zero_slot=num_slots, max_rank=max_rank)
+        self.lora_modules: dict[str, LoRASlots] = {}
         unknown = set(targets) - set(ATTN_TARGETS) - set(MLP_TARGETS)
         if unknown:
             raise LoomError(f"lora_targets {sorted(unknown)} unknown; use {ATTN_TARGETS + MLP_TARGETS}")
-        # Only targeted modules get slot storage: memory is slots x rank x (in + out) per module.
+        self.qkv: list[Projection] = []
+        self.o_proj: list[Projection] = []
+        self.gate_up: list[Projection] = []
+        self.down: list[Projection] = []
         for i, layer in enumerate(self.layers):
-            for part, parent, names in (
-                ("self_attn", layer.self_attn, ATTN_TARGETS),
-                ("mlp", layer.mlp, MLP_TARGETS),
-            ):
-                for name in names:
-                    linear = getattr(parent, name)
-                    if not isinstance(linear, nn.Linear):
-                        raise LoomError(f"layer {i} {name} is {type(linear).__name__}, not nn.Linear")
-                    if name not in targets:
-                        setattr(parent, name, FastLinear(linear))
-                        continue
-                    wrapped = BatchedLoRALinear(linear, num_slots, max_rank, self.ctx)
-                    setattr(parent, name, wrapped)
-                    self.lora_modules[f"model.layers.{i}.{part}.{name}"] = wrapped
+            attn, mlp = layer.self_attn, layer.mlp
+            if getattr(mlp, "act_fn", None) is None:
+                raise LoomError(f"layer {i} MLP has no act_fn; the engine runs gated (SwiGLU) MLPs")
+            self.qkv.append(self._projection(i, "self_attn", attn, ("q_proj", "k_proj", "v_proj"), targets))
+            self.o_proj.append(self._projection(i, "self_attn", attn, ("o_proj",), targets))
+            self.gate_up.append(self._projection(i, "mlp", mlp, ("gate_proj", "up_proj"), targets))
+            self.down.append(self._projection(i, "mlp", mlp, ("down_proj",), targets))
+
+    def _projection(
+        self, layer: int, part: str, parent: nn.Module, names: tuple[str, ...], targets: tuple[str, ...]
+    ) -> Projection:
+        linears, loras = [], []
+        for name in names:
+            linear = getattr(parent, name)
+            if not isinstance(linear, nn.Linear):
+                raise LoomError(f"layer {layer} {name} is {type(linear).__name__}, not nn.Linear")
+            linears.append(linear)
+            lora = None
+            if name in targets:
+                # Only targeted modules get slot storage: memory is slots x rank x (in + out) per module.
+                lora = LoRASlots(linear.in_features, linear.out_features, self.ctx, linear.weight)
+                self.lora_modules[f"model.layers.{layer}.{part}.{name}"] = lora
+            loras.append(lora)
+        return Projection(linears, loras, self.ctx)
 
     def new_cache(self, budget_bytes: int, max_len: int, max_seqs: int | None = None) -> KVCache:
         if self.sliding_window and max_len > self.sliding_window:
@@ -84,31 +97,67 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(
-        self, cache: KVCache, first_slot: int, prompts: list[list[int]], adapter_slots: list[int]
+        self,
+        cache: KVCache,
+        first_slot: int,
+        prompts: list[list[int]],
+        adapter_slots: list[int],
+        starts: list[int] | None = None,
     ) -> torch.Tensor:
-        """Run several whole prompts at once into cache slots ``first_slot..``; return each
-        prompt's last-token logits [B, vocab]. Prompts are right-padded to the longest;
-        padding is masked out and its cache entries are overwritten before any use."""
-        b, t = len(prompts), max(len(p) for p in prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        """Run several prompts at once into cache slots ``first_slot..``; return each
+        prompt's last-token logits [B, vocab]. Row i computes ``prompts[i][starts[i]:]``
+        at positions ``starts[i]..``, attending to the cached positions before it (a reused
+        prefix). Rows are right-padded to the longest; padding is masked out and never
+        written to the cache."""
+        starts = starts or [0] * len(prompts)
+        b = len(prompts)
+        todo = [p[s:] for p, s in zip(prompts, starts, strict=True)]
+        t = max(len(p) for p in todo)
+        lengths = torch.tensor([len(p) for p in todo], device=self.device)
+        first = torch.tensor(starts, device=self.device)
         ids = torch.zeros(b, t, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(todo):
             ids[i, : len(p)] = torch.tensor(p, device=self.device)
-        positions = torch.arange(t, device=self.device).expand(b, t)
-        self.ctx.set_rows(adapter_slots, self.device)
         q_idx = torch.arange(t, device=self.device)
-        mask = (q_idx[None, :] <= q_idx[:, None])[None] & (q_idx[None, None, :] < lengths[:, None, None])
-        if self.sliding_window:
-            mask &= (q_idx[None, :] > q_idx[:, None] - self.sliding_window)[None]
-        mask = mask[:, None]  # [B, 1, T, T]
+        positions = first[:, None] + q_idx[None, :]  # [B, T]
+        self.ctx.set_rows(adapter_slots, t, self.device, self.dtype)
         rows = slice(first_slot, first_slot + b)
+        if not any(starts):
+            mask = (q_idx[None, :] <= q_idx[:, None])[None] & (q_idx[None, None, :] < lengths[:, None, None])
+            if self.sliding_window:
+                mask &= (q_idx[None, :] > q_idx[:, None] - self.sliding_window)[None]
+            mask = mask[:, None]  # [B, 1, T, T]
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cache.k[layer, rows, :, :t] = k
-            cache.v[layer, rows, :, :t] = v
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.kv_heads != self.num_heads
-            )
+            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                cache.k[layer, rows, :, :t] = k
+                cache.v[layer, rows, :, :t] = v
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.kv_heads != self.num_heads
+                )
+
+        else:
+            span = int((first + lengths).max())
+            keys = torch.arange(span, device=self.device)
+            # query at position p sees keys <= p; padded queries see garbage and are never read
+            full = keys[None, None, :] <= positions[:, :, None]  # [B, T, span]
+            if self.sliding_window:
+                full &= keys[None, None, :] > positions[:, :, None] - self.sliding_window
+            full = full[:, None]
+            valid = q_idx[None, :] < lengths[:, None]  # [B, T]: padding is not written
+            slot_idx = (first_slot + torch.arange(b, device=self.device))[:, None].expand(b, t)[valid]
+            pos_idx = positions[valid]
+
+            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                cache.k[layer, slot_idx, :, pos_idx] = k.transpose(1, 2)[valid]
+                cache.v[layer, slot_idx, :, pos_idx] = v.transpose(1, 2)[valid]
+                return F.scaled_dot_product_attention(
+                    q,
+                    cache.k[layer, rows, :, :span],
+                    cache.v[layer, rows, :, :span],
+                    attn_mask=full,
+                    scale=self.scaling,
+                    enable_gqa=self.kv_heads != self.num_heads,
+                )
 
         hidden = self._forward(ids, positions, attend)
         last = hidden[torch.arange(b, device=self.device), lengths - 1]
@@ -122,7 +171,7 @@ class ModelRunner:
         b = len(tokens)
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
         pos = torch.tensor(positions, device=self.device)
-        self.ctx.set_rows(adapter_slots, self.device)
+        self.ctx.set_rows(adapter_slots, 1, self.device, self.dtype)
         length = int(max(positions)) + 1
         rows = torch.arange(b, device=self.device)
         keys = torch.arange(length, device=self.device)
@@ -155,17 +204,21 @@ class ModelRunner:
         cos, sin = self.inner.rotary_emb(h, positions)
         bsz, t = ids.shape
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).reshape(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).reshape(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).reshape(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = self.qkv[i](x)
+            q = q.reshape(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.reshape(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.reshape(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._apply_rope(q, k, cos, sin)
             out = attend(i, q, k, v).transpose(1, 2).reshape(bsz, t, self.num_heads * self.head_dim)
-            h = h + attn.o_proj(out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self.o_proj[i](out)[0]
+            gate, up = self.gate_up[i](layer.post_attention_layernorm(h))
+            h = h + self.down[i](layer.mlp.act_fn(gate) * up)[0]
         return self.inner.norm(h)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.lm_head
-        return fast_linear(hidden, head.weight, head.bias).float()
+        logits = vocab_linear(hidden, head.weight)
+        if head.bias is not None:
+            logits = logits + head.bias
+        return logits.float()

@@ -21,6 +21,7 @@ import torch
 
 from loom.engine.adapters import AdapterCache, AdapterWeights
 from loom.engine.kv_cache import KVCache
+from loom.engine.prefix_cache import PrefixCache, shared_prefix_len
 from loom.engine.request import Request
 from loom.engine.runner import ModelRunner
 from loom.engine.sampling import sample
@@ -42,8 +43,10 @@ class Scheduler:
         adapters: AdapterCache,
         limits: Limits,
         eos_ids: set[int],
+        prefix: PrefixCache | None = None,
     ) -> None:
         self.runner, self.cache, self.adapters, self.limits = runner, cache, adapters, limits
+        self.prefix = prefix or PrefixCache(0)
         self.eos_ids = eos_ids
         self.control: queue.Queue[Callable[[], None]] = queue.Queue()
         self.waiting: deque[Request] = deque()
@@ -154,14 +157,72 @@ class Scheduler:
 
     def _prefill(self, reqs: list[Request]) -> None:
         """One batched forward over all newly admitted prompts (better matmul shapes
-        than one prompt at a time, and one wait instead of many for everyone's TTFT)."""
+        than one prompt at a time, and one wait instead of many for everyone's TTFT).
+        Prompt prefixes already cached, or shared within this batch, are computed once."""
         for req in reqs:
             req.slot = self.adapters.acquire(req.adapter_key) if req.adapter_key else -1
+        reqs = self._seed_shared_prefixes(reqs)
         first = len(self.running)
         self.running.extend(reqs)
-        logits = self.runner.prefill(self.cache, first, [r.prompt_ids for r in reqs], [r.slot for r in reqs])
+        starts = [self._reuse_prefix(req, first + i) for i, req in enumerate(reqs)]
+        prompts = [r.prompt_ids for r in reqs]
+        logits = self.runner.prefill(self.cache, first, prompts, [r.slot for r in reqs], starts)
+        for i, req in enumerate(reqs):
+            self._remember(req, req.prompt_ids, first + i)
         for i, req in enumerate(reqs):
             self._accept(req, logits[i])
+
+    def _seed_shared_prefixes(self, reqs: list[Request]) -> list[Request]:
+        """Requests admitted together that share a prefix no cache entry holds yet (a burst
+        of prompts with one system prompt): prefill that prefix once per adapter, cache it,
+        and let everyone reuse it. Returns ``reqs`` with the group leaders first."""
+        prefix = self.prefix
+        if not prefix.enabled or len(reqs) < 2:
+            return reqs
+        groups: dict[tuple[str | None, tuple[int, ...]], list[Request]] = {}
+        for req in reqs:
+            owner = self._prefix_owner(req)
+            if len(req.prompt_ids) > prefix.min_tokens and prefix.match(owner, req.prompt_ids, False)[1] == 0:
+                key = (owner, tuple(req.prompt_ids[: prefix.min_tokens]))
+                groups.setdefault(key, []).append(req)
+        seeds: list[tuple[Request, int]] = []
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            shared = shared_prefix_len([m.prompt_ids for m in members])
+            n = min(shared, *(len(m.prompt_ids) - 1 for m in members))
+            if n >= prefix.min_tokens:
+                seeds.append((members[0], n))
+        if not seeds:
+            return reqs
+        leaders = [req for req, _ in seeds]
+        reqs = leaders + [r for r in reqs if all(r is not lead for lead in leaders)]
+        first = len(self.running)
+        self.runner.prefill(
+            self.cache, first, [req.prompt_ids[:n] for req, n in seeds], [req.slot for req, _ in seeds]
+        )
+        for i, (req, n) in enumerate(seeds):
+            self._remember(req, req.prompt_ids[:n], first + i)
+        return reqs
+
+    def _prefix_owner(self, req: Request) -> str | None:
+        """Whose K/V a prompt's prefix is: the base (None) or the adapter as loaded."""
+        if req.adapter_key is None:
+            return None
+        return f"{req.adapter_key}#{self.adapters.resident[req.adapter_key].serial}"
+
+    def _reuse_prefix(self, req: Request, slot: int) -> int:
+        """Copy the longest cached prefix of ``req``'s prompt into its KV slot; return its length."""
+        entry, n = self.prefix.match(self._prefix_owner(req), req.prompt_ids)
+        if entry is None:
+            return 0
+        self.cache.k[:, slot, :, :n] = entry.k[:, :, :n]
+        self.cache.v[:, slot, :, :n] = entry.v[:, :, :n]
+        return n
+
+    def _remember(self, req: Request, tokens: list[int], slot: int) -> None:
+        n, owner = len(tokens), self._prefix_owner(req)
+        self.prefix.insert(owner, tokens, self.cache.k[:, slot, :, :n], self.cache.v[:, slot, :, :n])
 
     def _decode(self) -> None:
         rows = self.running
@@ -260,6 +321,7 @@ class Scheduler:
             "steps": self.steps,
             "tokens_generated": self.tokens_out,
             "adapters_loading": len(self.pending_loads),
+            **self.prefix.stats(),
         }
 
 

@@ -21,6 +21,7 @@ class ServeConfig:
     max_batch_size: int = 32
     max_seq_len: int = 1024
     kv_cache_mb: int | None = None
+    prefix_cache_mb: int | None = None  # prompt-prefix K/V kept for reuse; 0: off; None: the plan's
     max_adapters: int = 16
     max_rank: int = 16
     memory_mb: int | None = None  # budget override; default: a fraction of what the device has free

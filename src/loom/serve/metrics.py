@@ -42,6 +42,17 @@ class EngineCollector(Collector):
         ):
             yield CounterMetricFamily(name, doc, c.get(key, 0))
         yield CounterMetricFamily("loom_engine_steps", "Decode steps run", s["steps"])
+        yield CounterMetricFamily(
+            "loom_prefix_cache_hits", "Prompts that reused cached prefix K/V", s["prefix_cache_hits"]
+        )
+        yield CounterMetricFamily(
+            "loom_prefix_cache_tokens_saved",
+            "Prompt tokens not prefilled thanks to it",
+            s["prefix_tokens_saved"],
+        )
+        yield GaugeMetricFamily(
+            "loom_prefix_cache_bytes", "Bytes held by the prefix cache", s["prefix_cache_bytes"]
+        )
         yield CounterMetricFamily("loom_oom_events", "Out-of-memory errors in the engine", s["oom_events"])
 
 

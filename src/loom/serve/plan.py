@@ -26,6 +26,7 @@ MIB = 2**20
 # (measured 362 MB RSS on the project's CPU machine), or the CUDA context on a GPU.
 RUNTIME_MB = {"cpu": 400, "cuda": 600}
 PREFILL_TOKENS = EngineConfig().max_prefill_tokens_per_step
+DEFAULT_PREFIX_MB = EngineConfig().prefix_cache_mb
 VARIANT_OF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 QUANTIZED_ORDER = ("nf4_bnb", "int8_bnb")
 
@@ -41,6 +42,7 @@ class ServePlan:
     adapter_slots: int
     adapter_slot_mb: float
     kv_cache_mb: int
+    prefix_cache_mb: int
     kv_sequences: int
     max_batch_size: int
     max_seq_len: int
@@ -53,13 +55,15 @@ class ServePlan:
     @property
     def total_mb(self) -> int:
         adapters = round(self.adapter_slots * self.adapter_slot_mb)
-        return self.weights_mb + adapters + self.kv_cache_mb + self.activations_mb + self.runtime_mb
+        kv = self.kv_cache_mb + self.prefix_cache_mb
+        return self.weights_mb + adapters + kv + self.activations_mb + self.runtime_mb
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             max_batch_size=self.max_batch_size,
             max_seq_len=self.max_seq_len,
             kv_cache_mb=self.kv_cache_mb,
+            prefix_cache_mb=self.prefix_cache_mb,
             max_adapters=self.adapter_slots,
             max_rank=self.max_rank,
             # the byte cap must not refuse what the slots were sized for
@@ -140,12 +144,23 @@ def make_plan(
     act_bytes += cfg.max_batch_size * arch.vocab_size * 4 * 2
     activations_mb = int(act_bytes / MIB) + 64  # + allocator slack
     runtime_mb = RUNTIME_MB.get(device.type, RUNTIME_MB["cpu"])
-    fixed = weights_mb + round(cfg.max_adapters * slot_mb) + activations_mb + runtime_mb
+    if cfg.prefix_cache_mb is not None and cfg.prefix_cache_mb < 0:
+        raise LoomError(f"--prefix-cache-mb {cfg.prefix_cache_mb}: give 0 (off) or a size in MiB")
+    fixed = (
+        weights_mb
+        + round(cfg.max_adapters * slot_mb)
+        + (cfg.prefix_cache_mb or 0)
+        + activations_mb
+        + runtime_mb
+    )
     notes: list[str] = []
     if cfg.kv_cache_mb is not None:
         kv_mb = cfg.kv_cache_mb
     else:  # enough for a full batch of full-length sequences, or what is left
         kv_mb = min(int(cfg.max_batch_size * per_seq_mb) + 1, max(budget - fixed, 0))
+    prefix_mb = cfg.prefix_cache_mb
+    if prefix_mb is None:  # what the budget has left after the KV cache, up to DEFAULT_PREFIX_MB
+        prefix_mb = min(DEFAULT_PREFIX_MB, max(budget - fixed - kv_mb, 0))
     kv_sequences = int(kv_mb // per_seq_mb) if per_seq_mb else cfg.max_batch_size
     batch = min(cfg.max_batch_size, kv_sequences)
     if 0 < batch < cfg.max_batch_size:
@@ -163,6 +178,7 @@ def make_plan(
         adapter_slots=cfg.max_adapters,
         adapter_slot_mb=round(slot_mb, 2),
         kv_cache_mb=kv_mb,
+        prefix_cache_mb=prefix_mb,
         kv_sequences=kv_sequences,
         max_batch_size=batch,
         max_seq_len=cfg.max_seq_len,
@@ -176,11 +192,12 @@ def make_plan(
         over = plan.total_mb - budget if plan.total_mb > budget else int(per_seq_mb)
         raise LoomError(
             f"serving {base_ref} as {variant} on {device} needs {plan.total_mb} MiB (weights {weights_mb}, "
-            f"adapters {round(cfg.max_adapters * slot_mb)}, KV cache {kv_mb}, activations {activations_mb}, "
+            f"adapters {round(cfg.max_adapters * slot_mb)}, KV cache {kv_mb}, prefix cache "
+            f"{prefix_mb}, activations {activations_mb}, "
             f"runtime {runtime_mb}) "
             f"but the budget is {budget} MiB: over by {over} MiB. Lower --max-batch-size, --max-seq-len, "
-            f"--max-adapters or --kv-cache-mb, allow a quantized variant (--quantize, CUDA), "
-            f"or raise --memory-mb"
+            f"--max-adapters, --kv-cache-mb or --prefix-cache-mb, allow a quantized variant "
+            f"(--quantize, CUDA), or raise --memory-mb"
         )
     if variant in QUANTIZED_ORDER:
         notes.append(f"{variant}: quantized weights chosen (--quantize, CUDA, bitsandbytes installed)")
