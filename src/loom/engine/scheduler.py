@@ -161,9 +161,16 @@ class Scheduler:
         Prompt prefixes already cached, or shared within this batch, are computed once."""
         for req in reqs:
             req.slot = self.adapters.acquire(req.adapter_key) if req.adapter_key else -1
-        reqs = self._seed_shared_prefixes(reqs)
+        seeds = self._shared_prefixes(reqs)
+        leaders = [req for req, _ in seeds]
+        reqs = leaders + [r for r in reqs if all(r is not lead for lead in leaders)]
         first = len(self.running)
-        self.running.extend(reqs)
+        self.running.extend(reqs)  # from here a failed step ends them (fail_running)
+        if seeds:  # each shared prefix once, into its leader's slot, then into the cache
+            prefixes = [req.prompt_ids[:n] for req, n in seeds]
+            self.runner.prefill(self.cache, first, prefixes, [req.slot for req in leaders])
+            for i, (req, tokens) in enumerate(zip(leaders, prefixes, strict=True)):
+                self._remember(req, tokens, first + i)
         starts = [self._reuse_prefix(req, first + i) for i, req in enumerate(reqs)]
         prompts = [r.prompt_ids for r in reqs]
         logits = self.runner.prefill(self.cache, first, prompts, [r.slot for r in reqs], starts)
@@ -172,13 +179,13 @@ class Scheduler:
         for i, req in enumerate(reqs):
             self._accept(req, logits[i])
 
-    def _seed_shared_prefixes(self, reqs: list[Request]) -> list[Request]:
+    def _shared_prefixes(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         """Requests admitted together that share a prefix no cache entry holds yet (a burst
-        of prompts with one system prompt): prefill that prefix once per adapter, cache it,
-        and let everyone reuse it. Returns ``reqs`` with the group leaders first."""
+        of prompts with one system prompt): one (leader, prefix length) per group, so the
+        prefix is prefilled once per adapter and everyone reuses it."""
         prefix = self.prefix
         if not prefix.enabled or len(reqs) < 2:
-            return reqs
+            return []
         groups: dict[tuple[str | None, tuple[int, ...]], list[Request]] = {}
         for req in reqs:
             owner = self._prefix_owner(req)
@@ -193,17 +200,7 @@ class Scheduler:
             n = min(shared, *(len(m.prompt_ids) - 1 for m in members))
             if n >= prefix.min_tokens:
                 seeds.append((members[0], n))
-        if not seeds:
-            return reqs
-        leaders = [req for req, _ in seeds]
-        reqs = leaders + [r for r in reqs if all(r is not lead for lead in leaders)]
-        first = len(self.running)
-        self.runner.prefill(
-            self.cache, first, [req.prompt_ids[:n] for req, n in seeds], [req.slot for req, _ in seeds]
-        )
-        for i, (req, n) in enumerate(seeds):
-            self._remember(req, req.prompt_ids[:n], first + i)
-        return reqs
+        return seeds
 
     def _prefix_owner(self, req: Request) -> str | None:
         """Whose K/V a prompt's prefix is: the base (None) or the adapter as loaded."""
