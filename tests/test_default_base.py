@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ runner = CliRunner()
 def test_import_default_then_verify_and_show(default_store: Store) -> None:
     root = default_store.url
     verify = runner.invoke(app, ["store", "verify", "--store", root])
-    assert verify.exit_code == 0 and "1 ok, 0 with problems" in verify.output
+    # the store is session-wide: other integration tests may have added adapters to it
+    assert verify.exit_code == 0 and re.search(r"\b\d+ ok, 0 with problems", verify.output), verify.output
     shown = json.loads(
         runner.invoke(app, ["store", "show", "smollm2-135m-instruct", "--json", "--store", root]).output
     )

@@ -195,10 +195,13 @@ def test_incremental_decoding_never_splits_characters(tiny_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     text = "héllo 🙂 wörld — ünïcode ✓"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    dec = IncrementalDecoder(tok)
-    pieces = [dec.push(i) for i in ids] + [dec.flush()]
-    assert all("\ufffd" not in p for p in pieces)
-    assert "".join(pieces) == tok.decode(ids) == text
+    for streaming in (True, False):  # tokenizers' DecodeStream, and the window fallback
+        dec = IncrementalDecoder(tok)
+        if not streaming:
+            dec.stream = None
+        pieces = [dec.push(i) for i in ids] + [dec.flush()]
+        assert all("\ufffd" not in p for p in pieces), streaming
+        assert "".join(pieces) == dec.text == tok.decode(ids) == text, streaming
 
 
 def test_seeded_sampling_is_reproducible(engine: Engine) -> None:

@@ -176,8 +176,9 @@ class Scheduler:
         logits = self.runner.prefill(self.cache, first, prompts, [r.slot for r in reqs], starts)
         for i, req in enumerate(reqs):
             self._remember(req, req.prompt_ids, first + i)
+        greedy = logits.argmax(dim=-1).tolist()
         for i, req in enumerate(reqs):
-            self._accept(req, logits[i])
+            self._accept(req, logits[i], greedy[i])
 
     def _shared_prefixes(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         """Requests admitted together that share a prefix no cache entry holds yet (a burst
@@ -227,18 +228,23 @@ class Scheduler:
         positions = [r.position for r in rows]
         logits = self.runner.decode(self.cache, tokens, positions, [r.slot for r in rows])
         self.steps += 1
+        greedy = logits.argmax(dim=-1).tolist()  # one op for the batch, not one per row
         for i, req in enumerate(list(rows)):
-            self._accept(req, logits[i])
+            self._accept(req, logits[i], greedy[i])
         self._reap()
 
-    def _accept(self, req: Request, logits: torch.Tensor) -> None:
-        """Sample the next token for ``req`` and stream any completed text."""
+    def _accept(self, req: Request, logits: torch.Tensor, greedy: int) -> None:
+        """Sample the next token for ``req`` (``greedy``: the row's argmax) and stream any
+        completed text."""
         if req.cancelled:
             return
-        seen = req.prompt_ids + req.generated
-        if req.processor is not None:
-            logits = req.processor(req.generated, logits)
-        token = sample(logits, req.params, seen, req.generator)
+        p = req.params
+        if req.processor is None and p.temperature == 0 and p.repetition_penalty == 1.0:
+            token = greedy  # what sample() would return, without a per-row op
+        else:
+            if req.processor is not None:
+                logits = req.processor(req.generated, logits)
+            token = sample(logits, p, req.prompt_ids + req.generated, req.generator)
         now = time.monotonic()
         if req.first_token_at is None:
             req.first_token_at = now
