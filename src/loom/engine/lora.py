@@ -40,15 +40,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# ``fast_linear``'s transposed form up to this many tokens (decode), F.linear beyond (prefill)
+FAST_LINEAR_MAX_TOKENS = 128
 # Dense deltas while U x max_rank stays this small (columns of ``x @ [A_1 .. A_U]``).
 DENSE_MAX_COLUMNS = 256
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` computed as ``(weight @ x.T).T`` on CPUs (see module docstring)."""
-    if x.device.type != "cpu":
-        return F.linear(x, weight, bias)
+    """``x @ weight.T + bias``; for decode-sized inputs on CPUs as ``(weight @ x.T).T`` (see
+    module docstring). From a few hundred tokens on (prefill) plain ``F.linear`` is faster
+    again: we measured 1.1-1.8x at 300-1,440 tokens."""
     flat = x.reshape(-1, x.shape[-1])
+    if x.device.type != "cpu" or flat.shape[0] > FAST_LINEAR_MAX_TOKENS:
+        return F.linear(x, weight, bias)
     # The transposed result is copied back to row-major: every op downstream (norms,
     # rotary, SiLU) measured ~20% slower per decode step on the strided layout.
     out = (weight @ flat.t()).t().contiguous()
@@ -179,7 +183,7 @@ class Projection:
         ]
         self.weight: torch.Tensor = linears[0].weight
         self.bias: torch.Tensor | None = linears[0].bias
-        self._dense: tuple[int, torch.Tensor, list[torch.Tensor]] | None = None  # (epoch, A, Bs)
+        self._dense: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (epoch, A's, B block)
         if len(linears) == 1:
             return
         self.weight = torch.cat([lin.weight for lin in linears]).detach()
@@ -204,17 +208,26 @@ class Projection:
         ctx = self.ctx
         if ctx.unique is not None:
             # Dense: the adapters in the batch rarely change between decode steps, so their
-            # gathered weights are kept until they do; one matmul computes x @ A for every
-            # adapted part and adapter at once.
+            # gathered weights are kept until they do. One matmul computes x @ A for every
+            # adapted part and adapter at once; one addmm adds every part's delta in place
+            # through a block matrix of the B's (zero where a part has no adapter). That is
+            # 3 ops per projection instead of ~5 per adapted part (measured 140 vs 345 us
+            # for q/k/v at batch 32 with 8 adapters).
             if self._dense is None or self._dense[0] != ctx.epoch:
-                gathered = [lora.gathered(ctx.unique) for _, _, lora in self.adapted]
-                a_all = torch.cat([a for a, _ in gathered], dim=1)
-                self._dense = (ctx.epoch, a_all, [b for _, b in gathered])
-            _, a_all, bs = self._dense
-            xa = (x @ a_all) * ctx.mask_for(len(bs))
-            width = bs[0].shape[0]
-            for i, ((off, n, _), b) in enumerate(zip(self.adapted, bs, strict=True)):
-                out[..., off : off + n] += xa[..., i * width : (i + 1) * width] @ b
+                self._dense = (ctx.epoch, *self._gather_dense(ctx.unique))
+            _, a_all, b_block = self._dense
+            flat = x.reshape(-1, x.shape[-1])
+            xa = torch.mm(flat, a_all).mul_(ctx.mask_for(len(self.adapted)).reshape(flat.shape[0], -1))
+            out.view(-1, out.shape[-1]).addmm_(xa, b_block)
         elif ctx.index is not None:
             for off, n, lora in self.adapted:
                 out[..., off : off + n] += lora.gather_delta(x, ctx.index)
+
+    def _gather_dense(self, unique: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gathered = [lora.gathered(unique) for _, _, lora in self.adapted]
+        a_all = torch.cat([a for a, _ in gathered], dim=1)
+        width = gathered[0][1].shape[0]
+        b_block = a_all.new_zeros(width * len(gathered), self.weight.shape[0])
+        for i, ((off, n, _), (_, b)) in enumerate(zip(self.adapted, gathered, strict=True)):
+            b_block[i * width : (i + 1) * width, off : off + n] = b
+        return a_all, b_block
