@@ -93,7 +93,8 @@ class BatchLoRAContext:
     unique: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # [rows, 1, U * max_rank]: 1 on the row's own adapter's columns
     epoch: int = 0
-    _used: tuple[int, ...] = ()
+    used: frozenset[int] = frozenset()  # slots the current rows use
+    _dense_used: tuple[int, ...] = ()
     _masks: dict[int, torch.Tensor] | None = None
 
     def set_rows(
@@ -101,12 +102,13 @@ class BatchLoRAContext:
     ) -> None:
         self.index = self.unique = self.mask = None
         self._masks = {}
-        used = tuple(sorted({s for s in slots if s >= 0}))
+        self.used = frozenset(s for s in slots if s >= 0)
+        used = tuple(sorted(self.used))
         if not used:
             return
         if tokens_per_row == 1 and len(used) * self.max_rank <= DENSE_MAX_COLUMNS:
-            if used != self._used:
-                self._used = used
+            if used != self._dense_used:
+                self._dense_used = used
                 self.epoch += 1
             position = {s: i for i, s in enumerate(used)}
             mask = torch.zeros(len(slots), len(used), self.max_rank, dtype=dtype)
@@ -136,6 +138,7 @@ class LoRASlots:
         self, in_features: int, out_features: int, ctx: BatchLoRAContext, like: torch.Tensor
     ) -> None:
         self.in_features, self.out_features, self.ctx = in_features, out_features, ctx
+        self.filled: set[int] = set()  # slots holding weights: parts no row's adapter targets are skipped
         slots = ctx.zero_slot + 1  # + the zero slot
         # A is stored transposed ([in, r]) and B as [r, out] already multiplied by the
         # adapter's scale, so the hot path is plain matmuls with no per-module scaling.
@@ -148,10 +151,12 @@ class LoRASlots:
         self.clear_slot(slot)
         self.lora_a[slot, :, :r] = a.t().to(self.lora_a.dtype)
         self.lora_b[slot, :r, :] = (b.t().float() * scale).to(self.lora_b.dtype)
+        self.filled.add(slot)
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
+        self.filled.discard(slot)
         self.ctx.weights_changed()
 
     def gathered(self, unique: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +188,8 @@ class Projection:
         ]
         self.weight: torch.Tensor = linears[0].weight
         self.bias: torch.Tensor | None = linears[0].bias
-        self._dense: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (epoch, A's, B block)
+        # (epoch, parts any row's adapter targets, their A's side by side, block of their B's)
+        self._dense: tuple[int, int, torch.Tensor | None, torch.Tensor | None] | None = None
         if len(linears) == 1:
             return
         self.weight = torch.cat([lin.weight for lin in linears]).detach()
@@ -215,19 +221,29 @@ class Projection:
             # for q/k/v at batch 32 with 8 adapters).
             if self._dense is None or self._dense[0] != ctx.epoch:
                 self._dense = (ctx.epoch, *self._gather_dense(ctx.unique))
-            _, a_all, b_block = self._dense
+            _, parts, a_all, b_block = self._dense
+            if a_all is None or b_block is None:
+                return
             flat = x.reshape(-1, x.shape[-1])
-            xa = torch.mm(flat, a_all).mul_(ctx.mask_for(len(self.adapted)).reshape(flat.shape[0], -1))
+            xa = torch.mm(flat, a_all).mul_(ctx.mask_for(parts).reshape(flat.shape[0], -1))
             out.view(-1, out.shape[-1]).addmm_(xa, b_block)
         elif ctx.index is not None:
-            for off, n, lora in self.adapted:
+            for off, n, lora in self._active():
                 out[..., off : off + n] += lora.gather_delta(x, ctx.index)
 
-    def _gather_dense(self, unique: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gathered = [lora.gathered(unique) for _, _, lora in self.adapted]
+    def _active(self) -> list[tuple[int, int, LoRASlots]]:
+        """Adapted parts that some row's adapter actually targets (an adapter trained on
+        q/v leaves k/o alone: no delta work for them)."""
+        return [part for part in self.adapted if not part[2].filled.isdisjoint(self.ctx.used)]
+
+    def _gather_dense(self, unique: torch.Tensor) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        active = self._active()
+        if not active:
+            return 0, None, None
+        gathered = [lora.gathered(unique) for _, _, lora in active]
         a_all = torch.cat([a for a, _ in gathered], dim=1)
         width = gathered[0][1].shape[0]
         b_block = a_all.new_zeros(width * len(gathered), self.weight.shape[0])
-        for i, ((off, n, _), (_, b)) in enumerate(zip(self.adapted, gathered, strict=True)):
+        for i, ((off, n, _), (_, b)) in enumerate(zip(active, gathered, strict=True)):
             b_block[i * width : (i + 1) * width, off : off + n] = b
-        return a_all, b_block
+        return len(active), a_all, b_block
