@@ -70,6 +70,25 @@ def test_mixed_batch_matches_peft_with_gathered_deltas(
         assert done.token_ids == reference(engine_store, adapter, prompt, 10, eos), (prompt, adapter)
 
 
+def test_prefill_with_adapters_in_any_row_order_matches_rows_alone(engine: Engine) -> None:
+    """Prefill computes LoRA per run of same-adapter rows; interleaved adapters must still
+    give every row exactly what it gets alone."""
+    slots = [engine.adapters.resident[engine.load_adapter(a)].slot for a in ("qv4@v1", "all8@v1")]
+    rows = [slots[0], slots[1], -1, slots[0]]
+    prompts = [engine.tokenize(PROMPTS[i]) for i in range(4)]
+
+    def both() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        together = engine.runner.prefill(engine.cache, 0, prompts, rows)
+        alone = [
+            engine.runner.prefill(engine.cache, 0, [p], [s])[0] for p, s in zip(prompts, rows, strict=True)
+        ]
+        return together, alone
+
+    together, alone = engine._on_engine_thread(both)
+    for i, single in enumerate(alone):
+        assert torch.allclose(together[i], single, atol=1e-5), (i, (together[i] - single).abs().max())
+
+
 def test_logits_agree_with_peft_within_1e4(engine: Engine, engine_store: Store) -> None:
     runner, cache = engine.runner, engine.cache
     for adapter in ["qv4@v1", "all8@v1", "o2@v1", None]:

@@ -170,8 +170,10 @@ class Engine:
         logits_processor: LogitsProcessor | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         request_id: str | None = None,
+        enqueue: bool = True,
     ) -> Request:
-        """Queue a request; its chunks arrive on ``request.sink``. Raises on bad input."""
+        """Queue a request; its chunks arrive on ``request.sink``. Raises on bad input.
+        ``enqueue=False`` only builds it (``generate_many`` queues a burst in one go)."""
         params = params or SamplingParams()
         params.validate()
         ids = self.tokenize(prompt)
@@ -195,7 +197,8 @@ class Engine:
             req.generator = torch.Generator(device="cpu").manual_seed(params.seed)
         if folder is not None:
             req.meta["adapter_folder"] = folder
-        self.scheduler.control.put(lambda: self.scheduler.add(req))
+        if enqueue:
+            self.scheduler.control.put(lambda: self.scheduler.add(req))
         return req
 
     def generate(self, prompt: Prompt, *, adapter: str | None = None, **kw: Any) -> Completion:
@@ -203,8 +206,15 @@ class Engine:
         return self._wait(self.submit(prompt, adapter=adapter, **kw))
 
     def generate_many(self, prompts: list[tuple[Prompt, str | None]], **kw: Any) -> list[Completion]:
-        """Blocking: submit all (prompt, adapter) pairs at once, so they batch together."""
-        reqs = [self.submit(p, adapter=a, **kw) for p, a in prompts]
+        """Blocking: submit all (prompt, adapter) pairs at once, so they batch together.
+        They reach the engine as one burst: none starts before all are queued."""
+        reqs = [self.submit(p, adapter=a, enqueue=False, **kw) for p, a in prompts]
+
+        def add_all() -> None:
+            for req in reqs:
+                self.scheduler.add(req)
+
+        self.scheduler.control.put(add_all)
         return [self._wait(req) for req in reqs]
 
     @staticmethod

@@ -34,6 +34,7 @@ is computed that way (``fast_linear``).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +82,9 @@ class BatchLoRAContext:
     """Which adapter each row uses during the current forward pass (shared by all layers).
 
     ``index`` maps rows to slots (base-only rows to the zero slot) for the gather
-    path; ``unique``/``mask`` describe the dense path; both ``None`` when no row
-    uses an adapter, so layers skip the LoRA work entirely. ``epoch`` changes
+    path; ``unique``/``mask`` describe the dense path; ``segments`` the prefill
+    path; all empty when no row uses an adapter, so layers skip the LoRA work
+    entirely. ``epoch`` changes
     whenever the set of adapters in the batch or any slot's weights change, so
     projections can keep their gathered dense weights between decode steps.
     """
@@ -92,21 +94,32 @@ class BatchLoRAContext:
     index: torch.Tensor | None = None
     unique: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # [rows, 1, U * max_rank]: 1 on the row's own adapter's columns
+    segments: tuple[tuple[int, int, int], ...] = ()  # prefill: (slot, first row, end row) runs
     epoch: int = 0
     used: frozenset[int] = frozenset()  # slots the current rows use
     _dense_used: tuple[int, ...] = ()
     _masks: dict[int, torch.Tensor] | None = None
 
-    def set_rows(
-        self, slots: list[int], tokens_per_row: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
+    def set_rows(self, slots: list[int], device: torch.device, dtype: torch.dtype, prefill: bool) -> None:
+        """``slots``: each row's adapter slot (-1: base only); in a prefill a row is one token
+        and rows of one adapter come side by side (the scheduler orders them so)."""
         self.index = self.unique = self.mask = None
+        self.segments = ()
         self._masks = {}
         self.used = frozenset(s for s in slots if s >= 0)
         used = tuple(sorted(self.used))
         if not used:
             return
-        if tokens_per_row == 1 and len(used) * self.max_rank <= DENSE_MAX_COLUMNS:
+        if prefill:
+            # Prefill rows are tokens: dense would multiply each by every adapter's A, and
+            # gathering A per token copies MBs per module. Runs of one adapter are computed
+            # with two plain matmuls each (SGMV-style segments).
+            runs = [(slot, sum(1 for _ in group)) for slot, group in itertools.groupby(slots)]
+            ends = list(itertools.accumulate(n for _, n in runs))
+            self.segments = tuple(
+                (slot, e - n, e) for (slot, n), e in zip(runs, ends, strict=True) if slot >= 0
+            )
+        elif len(used) * self.max_rank <= DENSE_MAX_COLUMNS:
             if used != self._dense_used:
                 self._dense_used = used
                 self.epoch += 1
@@ -230,6 +243,13 @@ class Projection:
         elif ctx.index is not None:
             for off, n, lora in self._active():
                 out[..., off : off + n] += lora.gather_delta(x, ctx.index)
+        elif ctx.segments:
+            flat, out2d = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+            for off, n, lora in self._active():
+                for slot, start, end in ctx.segments:
+                    if slot in lora.filled:
+                        xa = flat[start:end] @ lora.lora_a[slot]
+                        out2d[start:end, off : off + n].addmm_(xa, lora.lora_b[slot])
 
     def _active(self) -> list[tuple[int, int, LoRASlots]]:
         """Adapted parts that some row's adapter actually targets (an adapter trained on

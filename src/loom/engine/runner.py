@@ -125,12 +125,8 @@ class ModelRunner:
         slot_of_token = torch.tensor(
             [first_slot + i for i, n in enumerate(lengths) for _ in range(n)], device=self.device
         )
-        self.ctx.set_rows(
-            [a for a, n in zip(adapter_slots, lengths, strict=True) for _ in range(n)],
-            1,
-            self.device,
-            self.dtype,
-        )
+        token_slots = [a for a, n in zip(adapter_slots, lengths, strict=True) for _ in range(n)]
+        self.ctx.set_rows(token_slots, self.device, self.dtype, prefill=True)
         masks = []
         for s, n in zip(starts, lengths, strict=True):
             q_pos = torch.arange(s, s + n, device=self.device)[:, None]
@@ -170,7 +166,7 @@ class ModelRunner:
         b = len(tokens)
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
         pos = torch.tensor(positions, device=self.device)
-        self.ctx.set_rows(adapter_slots, 1, self.device, self.dtype)
+        self.ctx.set_rows(adapter_slots, self.device, self.dtype, prefill=False)
         length = int(max(positions)) + 1
         rows = torch.arange(b, device=self.device)
         keys = torch.arange(length, device=self.device)

@@ -120,7 +120,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         in_flight = sum(r.budget_tokens for r in self.running)
-        longest = 0  # prompts are padded to the longest: rows x longest is what prefill allocates
+        tokens = 0  # prefill is padding-free: its size is the prompts' tokens
         admitted: list[Request] = []
         max_rows = min(self.limits.max_batch_size, self.cache.max_seqs)
         for req in list(self.waiting):
@@ -135,12 +135,11 @@ class Scheduler:
                 continue
             if in_flight + req.budget_tokens > self.limits.max_tokens_in_flight and self.running:
                 break  # FCFS: do not let later, smaller requests overtake
-            padded = (len(admitted) + 1) * max(longest, len(req.prompt_ids))
-            if admitted and padded > self.limits.max_prefill_tokens_per_step:
+            if admitted and tokens + len(req.prompt_ids) > self.limits.max_prefill_tokens_per_step:
                 break
             self.waiting.remove(req)
             in_flight += req.budget_tokens
-            longest = max(longest, len(req.prompt_ids))
+            tokens += len(req.prompt_ids)
             admitted.append(req)
         if admitted:
             self._prefill(admitted)
@@ -161,12 +160,15 @@ class Scheduler:
         Prompt prefixes already cached, or shared within this batch, are computed once."""
         for req in reqs:
             req.slot = self.adapters.acquire(req.adapter_key) if req.adapter_key else -1
-        seeds = self._shared_prefixes(reqs)
+        seeds = sorted(self._shared_prefixes(reqs), key=lambda seed: seed[0].slot)
         leaders = [req for req, _ in seeds]
-        reqs = leaders + [r for r in reqs if all(r is not lead for lead in leaders)]
+        # Rows of one adapter side by side: the prefill computes LoRA per run of rows.
+        reqs = sorted(reqs, key=lambda r: r.slot)
         first = len(self.running)
         self.running.extend(reqs)  # from here a failed step ends them (fail_running)
-        if seeds:  # each shared prefix once, into its leader's slot, then into the cache
+        if seeds:
+            # Each shared prefix once, into the first KV slots for the moment, then into the
+            # prefix cache; every row then copies its prefix from the cache (or computes it).
             prefixes = [req.prompt_ids[:n] for req, n in seeds]
             self.runner.prefill(self.cache, first, prefixes, [req.slot for req in leaders])
             for i, (req, tokens) in enumerate(zip(leaders, prefixes, strict=True)):

@@ -134,10 +134,11 @@ def make_plan(
     per_seq_mb = (
         2 * arch.num_hidden_layers * arch.num_key_value_heads * head_dim * nbytes * cfg.max_seq_len / MIB
     )
-    # Peak activations: one batched prefill, whose padded size (rows x longest prompt) the
-    # scheduler keeps within max_prefill_tokens_per_step (a single longer prompt still runs),
-    # through one layer (hidden, q/k/v/o and the MLP's gate/up at once), its attention scores
-    # (rows x heads x T x T, fp32 at worst) and fp32 logits for the whole batch.
+    # Peak activations: one batched prefill, whose tokens the scheduler keeps within
+    # max_prefill_tokens_per_step (a single longer prompt still runs), through one layer
+    # (hidden, q/k/v/o and the MLP's gate/up at once), attention scores (tokens x heads x
+    # span, fp32 at worst; an upper bound, as rows are attended one at a time) and fp32
+    # logits for the whole batch.
     prefill_tokens = max(min(PREFILL_TOKENS, cfg.max_batch_size * cfg.max_seq_len), cfg.max_seq_len)
     act_bytes = prefill_tokens * (6 * arch.hidden_size + 3 * arch.intermediate_size) * nbytes
     act_bytes += prefill_tokens * arch.num_attention_heads * cfg.max_seq_len * 4
