@@ -10,17 +10,23 @@ Adapter weights live stacked in preallocated slot tensors, zero-padded to
 and loading an adapter is a copy into a slot, never a reallocation. The
 last slot is all zeros: base-only rows use it there.
 
-Two ways to compute the deltas, chosen once per forward pass (``BatchLoRAContext``):
+Three ways to compute the deltas, chosen once per forward pass (``BatchLoRAContext``):
 
 * **dense** (decode, few distinct adapters): gather only the U adapters in
   the batch, ``xa = x @ [A_1 .. A_U]`` in one matmul, zero every row's
-  columns but its own adapter's, then ``xa @ [B_1; ..; B_U]``: four small
-  regular matmul-shaped ops per module, whatever the batch size. Measured
-  on the 2-core CPU at batch 32 with 8 adapters: cheaper than gathering
-  32 per-row copies of A and B (Punica's BGMV), which moves 4x the bytes.
-* **gather** (prefill, or many distinct adapters): BGMV, each row's A and B
-  gathered by slot, two batched matmuls. Dense would multiply every token
-  by all U adapters, which is U times the work once rows carry many tokens.
+  columns but its own adapter's, then add ``xa @ [B_1; ..; B_U]`` in place:
+  three ops per projection whatever the batch size, and the gathered weights
+  are kept until the batch's adapter set changes. Measured on the 2-core CPU
+  at batch 32 with 8 adapters: cheaper than gathering 32 per-row copies of A
+  and B (Punica's BGMV), which moves 4x the bytes.
+* **gather** (decode with many distinct adapters): BGMV, each row's A and B
+  gathered by slot, two batched matmuls.
+* **segments** (prefill, where rows are tokens): the scheduler puts rows of
+  one adapter side by side and each run gets two plain matmuls (SGMV-style).
+  Dense would multiply every token by all U adapters; gathering A per token
+  copies megabytes per module.
+
+Parts of a projection that no adapter in the batch targets are skipped.
 
 Projections that share an input (q/k/v; gate/up) run as one matmul over
 their concatenated weights (as vLLM's merged projections do): fewer, larger
