@@ -2,7 +2,7 @@
 script padding every batch to its longest example — same data, same base, same
 LoRA settings, one run, one table.
 
-    python benchmarks/train.py [--quick] [--json PATH]
+    python benchmarks/train.py [--quick] [--seeds 0 1] [--json PATH]
 
 Data: a variable-length mix of SQuAD reading comprehension (long passages) and
 SNIPS intents (short requests) from ../shared/data, rendered with the base's
@@ -77,7 +77,7 @@ def _peak_mb() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def run_variant(variant: str, train_path: Path, eval_path: Path, out: Path) -> dict[str, Any]:
+def run_variant(variant: str, seed: int, train_path: Path, eval_path: Path, out: Path) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,25 +92,23 @@ def run_variant(variant: str, train_path: Path, eval_path: Path, out: Path) -> d
     train_items = tokenize_examples(read_rows([str(train_path)]).examples, tok, MAX_LEN)
     eval_items = tokenize_examples(read_rows([str(eval_path)]).examples, tok, MAX_LEN)
     real_tokens = sum(len(t.input_ids) for t in train_items)
-    avg = real_tokens / len(train_items)
 
     if variant == "loom":
         from loom.train.config import TrainConfig
         from loom.train.run import train
 
-        packed_batch = max(1, round(BATCH * avg / MAX_LEN))  # same tokens per optimizer step
-        cfg = TrainConfig(
+        cfg = TrainConfig(  # packing keeps BATCH examples per optimizer step, without the padding
             train_files=[str(train_path)],
             output_dir=out,
             packing=True,
-            train_batch_size=packed_batch,
+            train_batch_size=BATCH,
             epochs=1,
             learning_rate=LR,
             adapter_r=R,
             adapter_alpha=ALPHA,
             adapter_dropout=0.0,
             max_seq_length=MAX_LEN,
-            seed=SEED,
+            seed=seed,
             logging_steps=1000,
             save_steps=100000,
         )
@@ -123,7 +121,7 @@ def run_variant(variant: str, train_path: Path, eval_path: Path, out: Path) -> d
         from peft import LoraConfig, get_peft_model
         from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         model = get_peft_model(
             AutoModelForCausalLM.from_pretrained(base_path),
             LoraConfig(
@@ -150,7 +148,7 @@ def run_variant(variant: str, train_path: Path, eval_path: Path, out: Path) -> d
             logging_steps=1000,
             save_strategy="no",
             report_to=[],
-            seed=SEED,
+            seed=seed,
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True,
         )
@@ -161,6 +159,7 @@ def run_variant(variant: str, train_path: Path, eval_path: Path, out: Path) -> d
         seconds, steps = time.monotonic() - started, trainer.state.global_step
     return {
         "variant": variant,
+        "seed": seed,
         "examples": len(train_items),
         "real_tokens": real_tokens,
         "steps": steps,
@@ -171,16 +170,45 @@ def run_variant(variant: str, train_path: Path, eval_path: Path, out: Path) -> d
     }
 
 
+NAMES = {"baseline": "transformers Trainer, pad longest", "loom": "loom train --packing"}
+COLS = ["seed", "steps", "train_seconds", "effective_tokens_per_s", "peak_memory_mb", "eval_loss"]
+
+
+def _run_child(variant: str, seed: int, train_path: Path, eval_path: Path, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--variant", variant, "--seeds", str(seed), "--files"]
+    proc = subprocess.run(
+        [*cmd, str(train_path), str(eval_path), str(out)], capture_output=True, text=True, check=False
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{variant} (seed {seed}) failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(line[7:])
+    return result
+
+
+def _mean(results: list[dict[str, Any]], variant: str, key: str) -> float:
+    values = [float(r[key]) for r in results if r["variant"] == variant]
+    return sum(values) / len(values)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="96 training examples instead of 384")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[SEED],
+        help="training seeds (same data); losses differ by up to ~10%% between seeds, "
+        "so compare means over two or more",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--variant", choices=["loom", "baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--files", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:  # child process: run one variant, print its JSON
         train_path, eval_path, out = (Path(p) for p in args.files)
-        print("RESULT " + json.dumps(run_variant(args.variant, train_path, eval_path, out)))
+        print("RESULT " + json.dumps(run_variant(args.variant, args.seeds[0], train_path, eval_path, out)))
         return
     n = 96 if args.quick else 384
     rows = build_rows(n + 32)
@@ -189,36 +217,24 @@ def main() -> None:
         train_path, eval_path = Path(tmp, "train.jsonl"), Path(tmp, "eval.jsonl")
         train_path.write_text("\n".join(json.dumps(r) for r in rows[:n]) + "\n")
         eval_path.write_text("\n".join(json.dumps(r) for r in rows[n:]) + "\n")
-        for variant in ("baseline", "loom"):
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--variant",
-                    variant,
-                    "--files",
-                    str(train_path),
-                    str(eval_path),
-                    str(Path(tmp, variant)),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-            results.append(json.loads(line[7:]))
-    base, loom = results
+        for seed in args.seeds:
+            for variant in ("baseline", "loom"):
+                out = Path(tmp, f"{variant}-{seed}")
+                results.append(_run_child(variant, seed, train_path, eval_path, out))
     print(f"\ntrain benchmark: {n} examples (SQuAD + SNIPS mix), 1 epoch, LoRA r={R}, max_len {MAX_LEN}")
-    cols = ["variant", "steps", "train_seconds", "effective_tokens_per_s", "peak_memory_mb", "eval_loss"]
-    print(" | ".join(f"{c:>22}" for c in cols))
+    print(" | ".join(f"{c:>22}" for c in ["variant", *COLS]))
     for r in results:
-        name = "transformers Trainer, pad longest" if r["variant"] == "baseline" else "loom train --packing"
-        print(" | ".join(f"{v!s:>22}" for v in [name, *(r[c] for c in cols[1:])]))
-    speedup = loom["effective_tokens_per_s"] / base["effective_tokens_per_s"]
-    loss_delta = (loom["eval_loss"] - base["eval_loss"]) / base["eval_loss"]
-    print(f"\nspeed-up {speedup:.2f}x (target >= 1.5x); eval loss {loss_delta:+.1%} (target within ±5%)")
+        print(" | ".join(f"{v!s:>22}" for v in [NAMES[r["variant"]], *(r[c] for c in COLS)]))
+    speedup = _mean(results, "loom", "effective_tokens_per_s") / _mean(
+        results, "baseline", "effective_tokens_per_s"
+    )
+    base_loss, loom_loss = _mean(results, "baseline", "eval_loss"), _mean(results, "loom", "eval_loss")
+    loss_delta = (loom_loss - base_loss) / base_loss
+    over = f"means over seeds {args.seeds}: " if len(args.seeds) > 1 else ""
+    print(
+        f"\n{over}speed-up {speedup:.2f}x (target >= 1.5x); eval loss {base_loss:.4f} -> {loom_loss:.4f}, "
+        f"{loss_delta:+.1%} (target within ±5%)"
+    )
     if args.json:
         args.json.write_text(
             json.dumps({"results": results, "speedup": speedup, "loss_delta": loss_delta}, indent=2)

@@ -214,20 +214,66 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_dir: Path) -> None:
     assert torch.allclose(together, alone, atol=1e-5)
 
 
-def test_packing_keeps_every_example_whole_and_mixes_lengths() -> None:
-    """Rows are filled first-fit in shuffled order: TRL's best-fit-decreasing sorted rows by
-    length, so optimizer steps came out all-long or all-short (the packed-loss gap)."""
+def test_packed_steps_hold_the_examples_a_padded_batch_would() -> None:
+    """Each optimizer step trains a fixed number of shuffled examples, packed whole into
+    rows, every step topped up to the same number of rows with label-free rows. Packing
+    by tokens instead gave steps 3 to 13 examples (the packed-loss gap)."""
+    from loom.train.packing import StepBlockSampler
     from loom.train.tokenize import Tokenized
-    from loom.train.trainer import _packed_dataset
+    from loom.train.trainer import _packed_steps
 
     lengths = [6] * 30 + [40] * 10  # short and long examples, like SNIPS next to SQuAD
     items = [Tokenized(str(i), list(range(n)), [-100] * (n - 1) + [i]) for i, n in enumerate(lengths)]
-    rows = _packed_dataset(items, max_len=96, seed=0)
-    assert all(len(r["input_ids"]) <= 96 and sum(r["seq_lengths"]) == len(r["input_ids"]) for r in rows)
-    supervised = sorted(x for r in rows for x in r["labels"] if x != -100)
+    data, blocks, width = _packed_steps(items, examples_per_step=8, row_tokens=48, seed=0, pad_id=0)
+    assert len(blocks) == 5 and all(len(b) == width for b in blocks)
+    for block in blocks:
+        rows = [data[i] for i in block]
+        assert all(len(r["input_ids"]) <= 48 and sum(r["seq_lengths"]) == len(r["input_ids"]) for r in rows)
+        trained = [x for r in rows for x in r["labels"] if x != -100]
+        assert len(trained) == 8  # eight whole examples per step, whatever their lengths
+    supervised = sorted(x for r in data for x in r["labels"] if x != -100)
     assert supervised == list(range(len(items)))  # every example exactly once, never split
-    # Longest-first packing pairs the long ones (40+40+2x6) and leaves 20 short ones in
-    # short-only rows; in shuffled order short-only rows are the exception.
-    short_only = [r for r in rows if set(r["seq_lengths"]) == {6}]
-    assert sum(len(r["seq_lengths"]) for r in short_only) < 10, rows["seq_lengths"]
-    assert _packed_dataset(items, 96, seed=0)["seq_lengths"] == rows["seq_lengths"]  # deterministic
+    fillers = [r for r in data if r["labels"] == [-100]]
+    assert fillers and all(r["input_ids"] == [0] and r["seq_lengths"] == [1] for r in fillers)
+    again, _, _ = _packed_steps(items, 8, 48, seed=0, pad_id=0)
+    assert again["seq_lengths"] == data["seq_lengths"]  # deterministic
+
+    sampler = StepBlockSampler(blocks, seed=0)
+    first = list(sampler)
+    assert first == [i for b in blocks for i in b] and len(sampler) == len(first)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == sorted(first) and second != first
+    chunks = [second[k : k + width] for k in range(0, len(second), width)]
+    assert sorted(chunks) == sorted(blocks)  # blocks move as a whole, rows stay together
+
+
+def test_packing_refuses_an_example_longer_than_a_row() -> None:
+    from loom.train.packing import pack_groups
+
+    with pytest.raises(ValueError, match="example 1 has 50 tokens"):
+        pack_groups([10, 50], examples_per_step=2, row_tokens=48, seed=0)
+
+
+def test_packed_training_runs_one_step_per_group_of_examples(
+    store: Store, tiny_base: str, train_file: Path, tmp_path: Path
+) -> None:
+    cfg = TrainConfig(
+        train_files=[str(train_file)],
+        model_name_or_path=tiny_base,
+        output_dir=tmp_path / "packed",
+        packing=True,
+        epochs=2,
+        train_batch_size=5,
+        max_seq_length=64,
+        adapter_r=4,
+        learning_rate=0.01,
+        seed=3,
+    )
+    summary = train(cfg, store).summary
+    # 24 examples in groups of 5 → 5 optimizer steps an epoch, whatever the rows.
+    assert summary["status"] == "completed" and summary["steps"] == 10
+    assert summary["epochs_done"] == pytest.approx(2.0)
+    loss = summary["final_train_loss"]
+    assert loss is not None and loss == loss  # finite: filler rows add no NaN
+    assert summary["tokens_seen"] == 2 * summary["data"]["tokens"]  # filler rows are not counted

@@ -10,8 +10,9 @@ from rich.console import Console
 
 from loom.errors import LoomError
 from loom.train.config import TrainConfig
+from loom.train.packing import StepBlockSampler, pack_groups
 from loom.train.progress import LossLog, RichProgress
-from loom.train.tokenize import Tokenized
+from loom.train.tokenize import IGNORE, Tokenized
 
 
 def _dataset(items: list[Tokenized]) -> Any:
@@ -22,28 +23,39 @@ def _dataset(items: list[Tokenized]) -> Any:
     return Dataset.from_list([{"input_ids": t.input_ids, "labels": t.labels} for t in items])
 
 
-def _packed_dataset(items: list[Tokenized], max_len: int, seed: int) -> Any:
-    """First-fit packing in shuffled order. TRL's BFD sorts by length, so long examples
-    pair up with each other and short ones fill rows of their own: rows (and so optimizer
-    steps) come out sorted by kind. Random order keeps each row a random mix, like the
-    padded random batches; examples never split, rows never exceed max_len."""
-    import random
-
+def _packed_steps(
+    items: list[Tokenized], examples_per_step: int, row_tokens: int, seed: int, pad_id: int
+) -> Any:
+    """Rows for `pack_groups`' steps, every step topped up to the same number of rows
+    with label-free one-token rows, and the row-index block of each step."""
     from datasets import Dataset
 
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    rows: list[dict[str, list[int]]] = []
-    for i in order:
-        t = items[i]
-        row = next((r for r in rows if len(r["input_ids"]) + len(t.input_ids) <= max_len), None)
-        if row is None:
-            row = {"input_ids": [], "labels": [], "seq_lengths": []}
-            rows.append(row)
-        row["input_ids"] += t.input_ids
-        row["labels"] += t.labels
-        row["seq_lengths"].append(len(t.input_ids))
-    return Dataset.from_list(rows)
+    steps = pack_groups([len(t.input_ids) for t in items], examples_per_step, row_tokens, seed)
+    width = max(len(rows) for rows in steps)
+    data: list[dict[str, list[int]]] = []
+    blocks: list[list[int]] = []
+    for rows in steps:
+        blocks.append(list(range(len(data), len(data) + width)))
+        for row in rows:
+            data.append(
+                {
+                    "input_ids": [x for i in row for x in items[i].input_ids],
+                    "labels": [x for i in row for x in items[i].labels],
+                    "seq_lengths": [len(items[i].input_ids) for i in row],
+                }
+            )
+        data += [{"input_ids": [pad_id], "labels": [IGNORE], "seq_lengths": [1]}] * (width - len(rows))
+    return Dataset.from_list(data), blocks, width
+
+
+def _step_trainer(base: type, blocks: list[list[int]], seed: int) -> type:
+    """SFTTrainer that samples packed rows step block by step block (see loom.train.packing)."""
+
+    class StepTrainer(base):
+        def _get_train_sampler(self, train_dataset: Any = None) -> StepBlockSampler:
+            return StepBlockSampler(blocks, seed)
+
+    return StepTrainer
 
 
 def _load_model(cfg: TrainConfig, path: str, device: Any, dtype: Any) -> Any:
@@ -106,12 +118,18 @@ def fit(
         task_type="CAUSAL_LM",
     )
     micro_batch, accumulation = cfg.train_batch_size, cfg.gradient_accumulation
-    if cfg.packing and device.type == "cpu":
-        # TRL's padding-free packing flattens the whole micro-batch into one
-        # sequence with a block-diagonal mask; without flash attention that costs
-        # attention over (batch x max_length)^2. One packed row per micro-step,
-        # accumulated to the same rows per optimizer step, keeps it at max_length^2.
-        micro_batch, accumulation = 1, cfg.train_batch_size * cfg.gradient_accumulation
+    train_dataset, blocks = _dataset(items), None
+    if cfg.packing:
+        # One packed row per micro-step. On CPU rows stay within max_seq_length:
+        # without flash attention a packed row costs attention over its whole length
+        # squared (three flattened rows of 384 made packing only 1.12x). On CUDA a row may
+        # hold what a padded micro-batch would.
+        row_tokens = cfg.max_seq_length * (1 if device.type == "cpu" else cfg.train_batch_size)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train_dataset, blocks, width = _packed_steps(
+            items, cfg.train_batch_size * cfg.gradient_accumulation, row_tokens, cfg.seed, pad_id
+        )
+        micro_batch, accumulation = 1, width
     args = SFTConfig(
         output_dir=str(out_dir),
         num_train_epochs=cfg.epochs,
@@ -129,7 +147,7 @@ def fit(
         eval_strategy="no",
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         seed=cfg.seed,
-        # Packed here (see _packed_dataset), then flattened padding-free by TRL's collator.
+        # Packed here (see loom.train.packing), then flattened padding-free by TRL's collator.
         max_length=None if cfg.packing else cfg.max_seq_length,
         packing=False,
         padding_free=cfg.packing,
@@ -147,12 +165,10 @@ def fit(
     from peft import get_peft_model
 
     model = get_peft_model(model, lora)
-    trainer = SFTTrainer(
+    trainer = (SFTTrainer if blocks is None else _step_trainer(SFTTrainer, blocks, cfg.seed))(
         model=model,
         args=args,
-        train_dataset=_packed_dataset(items, cfg.max_seq_length, cfg.seed)
-        if cfg.packing
-        else _dataset(items),
+        train_dataset=train_dataset,
         eval_dataset=_dataset(eval_items) if eval_items else None,
         processing_class=tokenizer,
         callbacks=[log, RichProgress(console)],
