@@ -223,6 +223,7 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
         "started_at": started.isoformat(),
     }
     if base.info:
+        longest = max(len(t.input_ids) for t in items)
         variant = "nf4_bnb" if cfg.qlora else str(dtype).removeprefix("torch.")
         est = estimate(
             base.info.arch,
@@ -230,8 +231,10 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
             base.info.variant_vram_mb.get(variant, base.info.approx_vram_mb),
             targets,
             cfg.adapter_r,
-            cfg.train_batch_size,
-            min(cfg.max_seq_length, max(len(t.input_ids) for t in items)),
+            # A packed CPU micro-step is one row of up to max_seq_length tokens; on
+            # CUDA one row holds up to what a padded micro-batch would.
+            1 if cfg.packing and device.type == "cpu" else cfg.train_batch_size,
+            cfg.max_seq_length if cfg.packing else min(cfg.max_seq_length, longest),
             int(n_tokens * max(cfg.epochs, 1.0)),
             str(device),
         )
