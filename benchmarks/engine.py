@@ -1,10 +1,13 @@
 """Engine benchmark: HF / PEFT baselines vs. Loom's engine, one run, one table.
 
     python benchmarks/engine.py [--quick] [--json PATH]
+    python benchmarks/engine.py --base mistral-7b-random --device cuda --dtype bfloat16
 
 Workload: N concurrent chat requests (SNIPS dev utterances through the base's
 chat template), exactly M new tokens each (eos ignored, so every row does the
-same work), greedy, on the store's default base (SmolLM2-135M-Instruct).
+same work), greedy, on the store's default base (SmolLM2-135M-Instruct) or
+``--base REF`` (``benchmarks/random_base.py`` makes a random-weight Mistral-7B-
+shaped one for GPU runs).
 
 Rows:
   1. HF generate, base only, static batch
@@ -44,11 +47,14 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "snips_intent" 
 RANK, TARGETS = 8, ("q_proj", "v_proj")
 
 
-class PeakRSS:
-    """Samples this process's resident memory while a row runs."""
+class PeakMemory:
+    """Peak memory while a row runs: this process's resident memory (sampled) on CPU,
+    the CUDA caching allocator's peak on GPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.peak = 0
+        self.cuda = device.startswith("cuda")
+        self.device = torch.device(device)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -59,13 +65,21 @@ class PeakRSS:
                 self.peak = max(self.peak, int(fh.read().split()[1]) * page)
             time.sleep(0.01)
 
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -85,7 +99,7 @@ def summarize(
         "ttft_p95_ms": round(pct(ttft, 0.95) * 1000, 1),
         "itl_p50_ms": round(pct(itl, 0.5) * 1000, 1),
         "itl_p95_ms": round(pct(itl, 0.95) * 1000, 1),
-        "peak_rss_mb": round(peak / 2**20),
+        "peak_mem_mb": round(peak / 2**20),
         "wall_s": round(wall, 2),
     }
 
@@ -111,8 +125,9 @@ def make_adapters(store: Store, base_ref: str, count: int) -> list[str]:
     existing = {s.artifact.name for s in store.summaries("adapter") if s.artifact.agent == "bench"}
     refs = []
     gen = torch.Generator().manual_seed(0)
+    base_name = base_ref.split("@")[0]
     for i in range(count):
-        name = f"bench-{i:04d}"
+        name = f"bench-{i:04d}-{base_name}"  # one set per base
         refs.append(f"{name}@v1")
         if name in existing:
             continue
@@ -150,6 +165,8 @@ class StepClock:
         self.times: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.is_cuda:  # the step's work is queued, not done, until the GPU catches up
+            torch.cuda.synchronize(scores.device)
         self.times.append(time.monotonic())
         return scores
 
@@ -158,7 +175,7 @@ def hf_generate(model: Any, tok: Any, prompts: list[str], new: int, **kw: Any) -
     from transformers import LogitsProcessorList
 
     clock = StepClock()
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.inference_mode():
         out = model.generate(
             **enc,
@@ -173,7 +190,7 @@ def hf_generate(model: Any, tok: Any, prompts: list[str], new: int, **kw: Any) -
 
 
 def run_hf_rows(
-    base_path: str, adapters: list[str], store: Store, prompts: list[str], new: int
+    base_path: str, adapters: list[str], store: Store, prompts: list[str], new: int, device: str, dtype: str
 ) -> list[dict[str, Any]]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -181,8 +198,9 @@ def run_hf_rows(
     tok = AutoTokenizer.from_pretrained(base_path)
     tok.padding_side = "left"
     rows = []
-    model = AutoModelForCausalLM.from_pretrained(base_path).eval()
-    with PeakRSS() as mem:
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype), device_map=device)
+    model.eval()
+    with PeakMemory(device) as mem:
         start = time.monotonic()
         times, n = hf_generate(model, tok, prompts, new)
         wall = time.monotonic() - start
@@ -199,7 +217,7 @@ def run_hf_rows(
         peft.load_adapter(str(paths[ref]), adapter_name=ref)
     peft.eval()
     chosen = [adapters[i % len(adapters)] for i in range(len(prompts))]
-    with PeakRSS() as mem:
+    with PeakMemory(device) as mem:
         start = time.monotonic()
         ttft, itl, n = [], [], 0
         for prompt, ref in zip(prompts, chosen, strict=True):
@@ -211,7 +229,7 @@ def run_hf_rows(
         wall = time.monotonic() - start
     rows.append(summarize("2. PEFT, one at a time, set_adapter", wall, ttft, itl, n, mem.peak))
 
-    with PeakRSS() as mem:
+    with PeakMemory(device) as mem:
         start = time.monotonic()
         times, n = hf_generate(peft, tok, prompts, new, adapter_names=chosen)
         wall = time.monotonic() - start
@@ -225,12 +243,12 @@ def run_hf_rows(
 
 
 def run_loom_row(
-    engine: Any, name: str, prompts: list[str], refs: list[str | None], new: int
+    engine: Any, name: str, prompts: list[str], refs: list[str | None], new: int, device: str
 ) -> dict[str, Any]:
     from loom.engine import SamplingParams
 
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
-    with PeakRSS() as mem:
+    with PeakMemory(device) as mem:
         start = time.monotonic()
         done = engine.generate_many(list(zip(prompts, refs, strict=True)), params=params)
         wall = time.monotonic() - start
@@ -242,50 +260,75 @@ def run_loom_row(
     return summarize(name, wall, ttft, itl, sum(len(d.token_ids) for d in done), mem.peak)
 
 
-def measure_floor(params: int, weight_bytes: int, batch: int) -> dict[str, float]:
-    big, dst = torch.ones(64 * 2**20), torch.empty(64 * 2**20)
-    dst.copy_(big)
-    t = time.monotonic()
-    for _ in range(10):
-        dst.copy_(big)
-    bandwidth = 10 * 2 * big.numel() * 4 / (time.monotonic() - t)  # read + write
-    # the best rate a large square fp32 matmul reaches on this machine
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    t = time.monotonic()
-    for _ in range(5):
-        a @ b
-    flops = 5 * 2 * 2048**3 / (time.monotonic() - t)
+def measure_floor(params: int, weight_bytes: int, batch: int, device: str, dtype: str) -> dict[str, float]:
+    """max(weight bytes / copy bandwidth, FLOPs / the rate a large square matmul reaches)."""
+    dt = getattr(torch, dtype)
+
+    def timed(fn: Any, reps: int) -> float:
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.monotonic()
+        for _ in range(reps):
+            fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.monotonic() - t) / reps
+
+    size = 64 * 2**20 if device == "cpu" else 512 * 2**20
+    big, dst = torch.ones(size, device=device), torch.empty(size, device=device)
+    bandwidth = 2 * size * 4 / timed(lambda: dst.copy_(big), 10)  # read + write
+    n = 2048 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    flops = 2 * n**3 / timed(lambda: a @ b, 5)
     step = max(weight_bytes / bandwidth, 2 * params * batch / flops)
     return {"bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9, "floor_step_ms": step * 1000}
 
 
+def kv_budget_mb(base_ref: str, store: Store, n: int, max_seq_len: int, dtype: str) -> int:
+    """1 GiB as before on the default base, more where n full-length sequences need it."""
+    info = store.resolve(base_ref).manifest.base
+    assert info is not None, f"{base_ref} is not a base"
+    a = info.arch
+    per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * (a.hidden_size // a.num_attention_heads)
+    need = n * max_seq_len * per_token * getattr(torch, dtype).itemsize
+    return max(1024, int(need * 1.25 / 2**20))
+
+
 def run_part(
-    part: str, n: int, new: int, total_adapters: int, resident: int, prefix_mb: int
+    part: str,
+    n: int,
+    new: int,
+    total_adapters: int,
+    resident: int,
+    prefix_mb: int,
+    base: str | None,
+    device: str,
+    dtype: str,
+    data: Path,
 ) -> dict[str, Any]:
     """One process per part: HF/PEFT rows, or Loom rows (torch thread pools never mix)."""
     from transformers import AutoTokenizer
 
-    from loom.engine import Engine
+    from loom.engine import Engine, SamplingParams
     from loom.models.loading import plan_load
 
     store = Store()
-    plan = plan_load(None, store=store, verify=False)
+    plan = plan_load(base, store=store, verify=False)
     base_ref = plan.base_ref
-    rows_text = [json.loads(x)["text"] for x in DATA.read_text().splitlines() if x][:n]
+    rows_text = [json.loads(x)["text"] for x in data.read_text().splitlines() if x][:n]
     all_refs = make_adapters(store, base_ref, total_adapters)
     eight = all_refs[:8]
     tok = AutoTokenizer.from_pretrained(plan.base_path)
-    prompts = [
-        tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
-        for t in rows_text
-    ]
+    chats = [[{"role": "user", "content": t}] for t in rows_text]
+    prompts = [str(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False)) for c in chats]
     if part == "hf":
-        return {"rows": run_hf_rows(plan.base_path, eight, store, prompts, new)}
-    kv_mb, adapter_mb = 1024, 2048
+        return {"rows": run_hf_rows(plan.base_path, eight, store, prompts, new, device, dtype)}
+    kv_mb, adapter_mb = kv_budget_mb(base_ref, store, n, 256, dtype), 2048
     engine = Engine.from_store(
         base_ref,
-        device="cpu",
+        device=device,
+        dtype=dtype,
         store=store,
         max_batch_size=n,
         max_seq_len=256,
@@ -296,11 +339,16 @@ def run_part(
         prefix_cache_mb=prefix_mb,
     )
     engine.generate(prompts[0])  # warm-up
-    results = [run_loom_row(engine, "4. Loom, base only", prompts, [None] * n, new)]
+    results = [run_loom_row(engine, "4. Loom, base only", prompts, [None] * n, new, device)]
     for ref in eight:
         engine.load_adapter(ref)
+    # First calls of the LoRA kernels (on CUDA: their launch set-up) outside the timing;
+    # a raw prompt, so no chat prefix is cached for these adapters before row 5.
+    engine.generate_many([("warm up", ref) for ref in eight], params=SamplingParams(max_new_tokens=2))
     results.append(
-        run_loom_row(engine, "5. Loom, 8 adapters mixed", prompts, [eight[i % 8] for i in range(n)], new)
+        run_loom_row(
+            engine, "5. Loom, 8 adapters mixed", prompts, [eight[i % 8] for i in range(n)], new, device
+        )
     )
     cold = []
     for ref in all_refs[8:28]:
@@ -312,7 +360,9 @@ def run_part(
     rng = random.Random(0)
     picks: list[str | None] = [rng.choice(all_refs) for _ in range(n)]
     results.append(
-        run_loom_row(engine, f"6. Loom, {resident} resident of {total_adapters}, random", prompts, picks, new)
+        run_loom_row(
+            engine, f"6. Loom, {resident} resident of {total_adapters}, random", prompts, picks, new, device
+        )
     )
     stats = engine.stats()
     engine.shutdown()
@@ -339,6 +389,10 @@ def main() -> None:
         default=256,
         help="Loom's prompt-prefix K/V cache (0: off, to see the engine without prefix reuse)",
     )
+    ap.add_argument("--base", default=None, help="base ref (default: the store's default base)")
+    ap.add_argument("--data", type=Path, default=DATA, help="JSONL with a 'text' field (SNIPS dev)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--part", choices=["hf", "loom"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     n = args.requests or (16 if args.quick else 32)
@@ -346,13 +400,24 @@ def main() -> None:
     total_adapters = 200 if args.quick else 1000
     resident = 32 if args.quick else 128
     if args.part:
-        result = run_part(args.part, n, new, total_adapters, resident, args.prefix_cache_mb)
+        result = run_part(
+            args.part,
+            n,
+            new,
+            total_adapters,
+            resident,
+            args.prefix_cache_mb,
+            args.base,
+            args.device,
+            args.dtype,
+            args.data,
+        )
         print("RESULT " + json.dumps(result, default=str))
         return
     from loom.models.loading import plan_load
 
     store = Store()
-    plan = plan_load(None, store=store, verify=False)
+    plan = plan_load(args.base, store=store, verify=False)
     base_info = plan.base.manifest.base if plan.base else None
     assert base_info is not None
     print(f"preparing {total_adapters} random rank-{RANK} adapters in {store.url} (once) ...", flush=True)
@@ -360,7 +425,8 @@ def main() -> None:
     parts = {}
     for part in ("hf", "loom"):
         cmd = [sys.executable, __file__, "--part", part, "--requests", str(n), "--new-tokens", str(new)]
-        cmd += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+        cmd += ["--prefix-cache-mb", str(args.prefix_cache_mb), "--base", plan.base_ref]
+        cmd += ["--device", args.device, "--dtype", args.dtype, "--data", str(args.data)]
         proc = subprocess.run([*cmd, *(["--quick"] if args.quick else [])], capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
@@ -369,7 +435,9 @@ def main() -> None:
     results = parts["hf"]["rows"] + parts["loom"]["rows"]
     cold, stats = parts["loom"]["cold"], parts["loom"]["stats"]
 
-    floor = measure_floor(base_info.parameter_count, base_info.weight_bytes, n)
+    # the floor's weight bytes are those of the compute dtype, whatever is on disk
+    weight_bytes = base_info.parameter_count * getattr(torch, args.dtype).itemsize
+    floor = measure_floor(base_info.parameter_count, weight_bytes, n, args.device, args.dtype)
     r = {row["row"][:1]: row for row in results}
     loom_step_ms = r["4"]["itl_p50_ms"]
     checks = {
@@ -381,10 +449,12 @@ def main() -> None:
         "cold load p50 <= 20 ms": statistics.median(cold) <= 0.020,
         **parts["loom"]["budget"],
     }
-    cols = ["tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "peak_rss_mb"]
+    cols = ["tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "peak_mem_mb"]
+    where = f"{torch.get_num_threads()} CPU threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    memory = "peak RSS" if args.device == "cpu" else "peak CUDA memory allocated"
     print(
-        f"\nengine benchmark: {n} concurrent requests x {new} new tokens, {plan.base_ref}, CPU fp32, "
-        f"{torch.get_num_threads()} threads, prefix cache {args.prefix_cache_mb} MiB"
+        f"\nengine benchmark: {n} concurrent requests x {new} new tokens, {plan.base_ref}, "
+        f"{args.device} {args.dtype}, {where}, prefix cache {args.prefix_cache_mb} MiB; peak_mem_mb: {memory}"
     )
     print(f"{'row':46}" + "".join(f"{c:>13}" for c in cols))
     for row in results:

@@ -3,8 +3,8 @@
     python benchmarks/serve.py [--quick] [--json PATH]
 
 Workload (the engine benchmark's row 5 mix): SNIPS dev utterances as chat messages, 8 rank-8
-adapters (bench-0000..0007, created like benchmarks/engine.py does) assigned round-robin, exactly
-64 new tokens per request (eos ignored), greedy, on the store's default base.
+adapters (bench-0000-<base>..bench-0007-<base>, created like benchmarks/engine.py does)
+assigned round-robin, exactly 64 new tokens per request (eos ignored), greedy, on the store's default base.
 
 Rows:
   A. engine, called in-process: waves of 32 requests submitted at once (generate_many)

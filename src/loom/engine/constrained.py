@@ -65,7 +65,9 @@ class GrammarProcessor:
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         self._llt.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         row = logits[: self.vocab_size].unsqueeze(0).clone()
-        self._llt.apply_token_bitmask_inplace(row, self.bitmask)
+        # llguidance fills the mask on the CPU; the kernel wants it where the logits are
+        # (a blocking copy: the next fill writes into the same, possibly pinned, buffer).
+        self._llt.apply_token_bitmask_inplace(row, self.bitmask.to(row.device))
         out = torch.full_like(logits, float("-inf"))
         out[: self.vocab_size] = row[0]
         return out

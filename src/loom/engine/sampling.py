@@ -35,4 +35,7 @@ def sample(
         drop = cumulative - sorted_probs > params.top_p  # keep the smallest set reaching top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    if generator is not None and probs.device != generator.device:
+        # Seeded generators live on the CPU, so a seed gives the same text on any device.
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))

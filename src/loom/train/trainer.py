@@ -125,7 +125,7 @@ def fit(
         # squared (three flattened rows of 384 made packing only 1.12x). On CUDA a row may
         # hold what a padded micro-batch would.
         row_tokens = cfg.max_seq_length * (1 if device.type == "cpu" else cfg.train_batch_size)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         train_dataset, blocks, width = _packed_steps(
             items, cfg.train_batch_size * cfg.gradient_accumulation, row_tokens, cfg.seed, pad_id
         )

@@ -1,0 +1,49 @@
+"""benchmarks/random_base.py: the random production-shaped base the GPU benchmark runs on."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loom.engine import Engine, SamplingParams
+from loom.store import Store
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "random_base.py"
+
+
+def _module():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("random_base", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_random_base_imports_sharded_and_runs(
+    store: Store, tiny_base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rb = _module()
+    monkeypatch.setattr(rb, "SHARD_BYTES", 40_000)  # several shards, as a 7B base has
+    ref = rb.make_random_base(store, "tiny", "tiny-random", torch.bfloat16)
+    assert ref == "tiny-random@v1"
+    info = store.resolve(ref).manifest.base
+    assert info is not None and info.arch.architecture == "MistralForCausalLM"
+    assert info.arch.num_key_value_heads == rb.SHAPES["tiny"]["num_key_value_heads"]
+    folder = Path(store.backend.local_path(store.resolve(ref).rel))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert rb.make_random_base(store, "tiny", "tiny-random", torch.bfloat16) == ref  # made once
+
+    engine = Engine.from_store(
+        ref, device="cpu", dtype="bfloat16", store=store, max_batch_size=2, kv_cache_mb=8
+    )
+    try:
+        done = engine.generate("hello", params=SamplingParams(max_new_tokens=4, ignore_eos=True))
+    finally:
+        engine.shutdown()
+    assert done.error is None and len(done.token_ids) == 4
