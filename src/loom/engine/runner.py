@@ -175,17 +175,22 @@ class ModelRunner:
             mask &= keys.unsqueeze(0) > pos.unsqueeze(1) - self.sliding_window
         mask = mask[:, None, None, :]
 
+        group = self.num_heads // self.kv_heads
+
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.k[layer, rows, :, pos] = k[:, :, 0]
             cache.v[layer, rows, :, pos] = v[:, :, 0]
-            return F.scaled_dot_product_attention(
-                q,
+            # One query token per row: each K/V head's group of query heads is folded into
+            # the query axis, the same math as enable_gqa without repeating K/V, and a form
+            # CUDA's memory-efficient kernel accepts with a mask (GQA + mask fell back to math).
+            out = F.scaled_dot_product_attention(
+                q.reshape(b, self.kv_heads, group, self.head_dim),
                 cache.k[layer, :b, :, :length],
                 cache.v[layer, :b, :, :length],
                 attn_mask=mask,
                 scale=self.scaling,
-                enable_gqa=self.kv_heads != self.num_heads,
             )
+            return out.reshape(b, self.num_heads, 1, self.head_dim)
 
         hidden = self._forward(ids, pos.unsqueeze(1), attend)
         return self._logits(hidden[:, -1])
