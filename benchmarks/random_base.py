@@ -102,7 +102,11 @@ def write_random_mistral(
         named = {f: f.replace(".safetensors", f"-of-{len(files):05d}.safetensors") for f in files}
         for old, new in named.items():
             (folder / old).rename(folder / new)
-        index = {"metadata": {"total_size": 0}, "weight_map": {k: named[v] for k, v in weight_map.items()}}
+        total_size = sum((folder / f).stat().st_size for f in named.values())  # header bytes included
+        index = {
+            "metadata": {"total_size": total_size},
+            "weight_map": {k: named[v] for k, v in weight_map.items()},
+        }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     elif files:
         (folder / files[0]).rename(folder / "model.safetensors")

@@ -90,9 +90,9 @@ class BatchLoRAContext:
     ``index`` maps rows to slots (base-only rows to the zero slot) for the gather
     path; ``unique``/``mask`` describe the dense path; ``segments`` the prefill
     path; all empty when no row uses an adapter, so layers skip the LoRA work
-    entirely. ``epoch`` changes
-    whenever the set of adapters in the batch or any slot's weights change, so
-    projections can keep their gathered dense weights between decode steps.
+    entirely. ``epoch`` changes whenever the set of adapters in the batch or any
+    slot's weights change, so projections can keep their gathered dense weights
+    between decode steps.
     """
 
     zero_slot: int

@@ -25,9 +25,10 @@ def _dataset(items: list[Tokenized]) -> Any:
 
 def _packed_steps(
     items: list[Tokenized], examples_per_step: int, row_tokens: int, seed: int, pad_id: int
-) -> Any:
-    """Rows for `pack_groups`' steps, every step topped up to the same number of rows
-    with label-free one-token rows, and the row-index block of each step."""
+) -> tuple[Any, list[list[int]], int]:
+    """Rows for `pack_groups`' steps as a Dataset, every step topped up to the same number
+    of rows (returned as the width) with label-free one-token rows, and each step's block
+    of row indices."""
     from datasets import Dataset
 
     steps = pack_groups([len(t.input_ids) for t in items], examples_per_step, row_tokens, seed)
