@@ -32,6 +32,9 @@ def serve(
     max_adapters: int = _O(16, "--max-adapters", help="Adapters resident at once."),
     max_rank: int = _O(16, "--max-rank", help="Largest LoRA rank served."),
     memory_mb: int | None = _O(None, "--memory-mb", help="Memory budget (default: 90% of free)."),
+    pack_weights: bool = _O(
+        True, "--pack-weights/--no-pack-weights", help="fp32 on CPU: hold weights oneDNN-packed (faster)."
+    ),
     max_queue: int = _O(64, "--max-queue", help="Requests waiting beyond the batch before 429."),
     max_body_bytes: int = _O(1 << 20, "--max-body-bytes"),
     max_prompt_tokens: int | None = _O(None, "--max-prompt-tokens"),
@@ -68,6 +71,7 @@ def serve(
         max_adapters=max_adapters,
         max_rank=max_rank,
         memory_mb=memory_mb,
+        pack_weights=pack_weights,
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
         max_prompt_tokens=max_prompt_tokens,

@@ -47,6 +47,8 @@ class EngineConfig:
     max_rank: int = 16
     lora_targets: tuple[str, ...] = ATTN_TARGETS
     prefix_cache_mb: int = 256  # K/V of recent prompts kept for prefix reuse; 0 turns reuse off
+    # fp32 on CPU: weights held oneDNN-packed (loom.engine.linear); False keeps torch's plain GEMMs
+    pack_weights: bool = True
 
 
 class Engine:
@@ -85,7 +87,9 @@ class Engine:
     def _build(self, model: Any, tokenizer: Any) -> None:
         cfg = self.config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model, cfg.max_adapters, cfg.max_rank, cfg.lora_targets)
+        self.runner = ModelRunner(
+            model, cfg.max_adapters, cfg.max_rank, cfg.lora_targets, pack_weights=cfg.pack_weights
+        )
         self.cache = self.runner.new_cache(cfg.kv_cache_mb * 2**20, cfg.max_seq_len, cfg.max_batch_size)
         self.adapters = AdapterCache(
             self.runner,
@@ -331,6 +335,9 @@ class Engine:
             oom_events=self.oom_events,
             adapter_bytes=adapter_bytes,
             kv_cache_bytes=self.cache.nbytes,
+            packed_weights=self.runner.head.packed is not None,
+            # a packed lm_head whose dense weight the input embeddings share is a second copy
+            packed_head_copy_bytes=self.runner.tied_head_copy,
             kv_cache_slots=self.cache.max_seqs,
             max_seq_len=self.cache.max_len,
             device=str(self.runner.device),

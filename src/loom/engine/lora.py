@@ -33,9 +33,8 @@ their concatenated weights (as vLLM's merged projections do): fewer, larger
 matmuls use the cores better than three small ones. The original modules'
 weights become views of the merged tensor, so memory is not doubled.
 
-On CPUs we measured ``W @ x.T`` (weights as the tall operand) 1.2-1.8x faster
-than ``x @ W.T`` for the small token counts of decoding, so the base product
-is computed that way (``fast_linear``).
+The base products themselves are ``loom.engine.linear.FrozenLinear`` (oneDNN-packed
+weights on CPUs).
 """
 
 from __future__ import annotations
@@ -44,43 +43,12 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-# ``fast_linear``'s transposed form up to this many tokens (decode), F.linear beyond (prefill)
-FAST_LINEAR_MAX_TOKENS = 128
+from loom.engine.linear import FrozenLinear
+
 # Dense deltas while U x max_rank stays this small (columns of ``x @ [A_1 .. A_U]``).
 DENSE_MAX_COLUMNS = 256
-
-
-def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias``; for decode-sized inputs on CPUs as ``(weight @ x.T).T`` (see
-    module docstring). From a few hundred tokens on (prefill) plain ``F.linear`` is faster
-    again: we measured 1.1-1.8x at 300-1,440 tokens."""
-    flat = x.reshape(-1, x.shape[-1])
-    if x.device.type != "cpu" or flat.shape[0] > FAST_LINEAR_MAX_TOKENS:
-        return F.linear(x, weight, bias)
-    # The transposed result is copied back to row-major: every op downstream (norms,
-    # rotary, SiLU) measured ~20% slower per decode step on the strided layout.
-    out = (weight @ flat.t()).t().contiguous()
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def vocab_linear(x: torch.Tensor, weight: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """``x @ weight.T`` for the vocabulary projection ([tokens, hidden] -> [tokens, vocab]).
-
-    On CPUs the weight is taken ``chunk`` rows at a time, each product written in place:
-    one [vocab, tokens] product is several MB that falls out of cache, and we measured
-    the chunked form 16 ms vs 20 ms per decode step at batch 32 (SmolLM2, 49k vocab)."""
-    if x.device.type != "cpu":
-        return F.linear(x, weight)
-    out = x.new_empty(weight.shape[0], x.shape[0])
-    xt = x.t()
-    for start in range(0, weight.shape[0], chunk):
-        torch.mm(weight[start : start + chunk], xt, out=out[start : start + chunk])
-    return out.t().contiguous()
 
 
 @dataclass
@@ -197,7 +165,11 @@ class Projection:
     the targeted parts. Calling it returns one output per part."""
 
     def __init__(
-        self, linears: list[nn.Linear], loras: list[LoRASlots | None], ctx: BatchLoRAContext
+        self,
+        linears: list[nn.Linear],
+        loras: list[LoRASlots | None],
+        ctx: BatchLoRAContext,
+        pack: bool = False,
     ) -> None:
         self.ctx, self.loras = ctx, loras
         self.sizes = [lin.out_features for lin in linears]
@@ -205,26 +177,28 @@ class Projection:
         self.adapted = [
             (off, n, lo) for off, n, lo in zip(self.offsets, self.sizes, loras, strict=True) if lo
         ]
-        self.weight: torch.Tensor = linears[0].weight
-        self.bias: torch.Tensor | None = linears[0].bias
         # (epoch, parts any row's adapter targets, their A's side by side, block of their B's)
         self._dense: tuple[int, int, torch.Tensor | None, torch.Tensor | None] | None = None
-        if len(linears) == 1:
-            return
-        self.weight = torch.cat([lin.weight for lin in linears]).detach()
-        biases = [lin.bias for lin in linears]
-        self.bias = None
-        if any(b is not None for b in biases):
-            pairs = zip(biases, self.sizes, strict=True)
-            self.bias = torch.cat([b if b is not None else self.weight.new_zeros(n) for b, n in pairs])
-        for lin, off, n in zip(linears, self.offsets, self.sizes, strict=True):
-            # the originals become views of the merged tensor: no second copy in memory
-            lin.weight = nn.Parameter(self.weight[off : off + n], requires_grad=False)
-            if lin.bias is not None and self.bias is not None:
-                lin.bias = nn.Parameter(self.bias[off : off + n], requires_grad=False)
+        weight: torch.Tensor = linears[0].weight
+        bias: torch.Tensor | None = linears[0].bias
+        if len(linears) > 1:
+            weight = torch.cat([lin.weight for lin in linears]).detach()
+            biases = [lin.bias for lin in linears]
+            if any(b is not None for b in biases):
+                pairs = zip(biases, self.sizes, strict=True)
+                bias = torch.cat([b if b is not None else weight.new_zeros(n) for b, n in pairs])
+        self.base = FrozenLinear(weight, bias, pack)
+        if self.base.packed is not None:
+            release_weights(linears)  # the packed copy is the only one kept
+        elif len(linears) > 1:
+            for lin, off, n in zip(linears, self.offsets, self.sizes, strict=True):
+                # the originals become views of the merged tensor: no second copy in memory
+                lin.weight = nn.Parameter(weight[off : off + n], requires_grad=False)
+                if lin.bias is not None and bias is not None:
+                    lin.bias = nn.Parameter(bias[off : off + n], requires_grad=False)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = fast_linear(x, self.weight, self.bias)
+        out = self.base(x)
         if self.adapted:
             self._add_deltas(x, out)
         return [out[..., off : off + n] for off, n in zip(self.offsets, self.sizes, strict=True)]
@@ -269,7 +243,17 @@ class Projection:
         gathered = [lora.gathered(unique) for _, _, lora in active]
         a_all = torch.cat([a for a, _ in gathered], dim=1)
         width = gathered[0][1].shape[0]
-        b_block = a_all.new_zeros(width * len(gathered), self.weight.shape[0])
+        b_block = a_all.new_zeros(width * len(gathered), self.base.out_features)
         for i, ((off, n, _), (_, b)) in enumerate(zip(active, gathered, strict=True)):
             b_block[i * width : (i + 1) * width, off : off + n] = b
         return len(active), a_all, b_block
+
+
+def release_weights(linears: list[nn.Linear]) -> None:
+    """Drop the weights of ``linears`` whose product now runs from a packed copy.
+
+    The engine owns its model and never calls these modules; an empty weight makes a
+    stray call fail loudly on shapes instead of keeping a second copy of the weights."""
+    for lin in linears:
+        empty = torch.empty(0, device=lin.weight.device, dtype=lin.weight.dtype)
+        lin.weight = nn.Parameter(empty, requires_grad=False)

@@ -26,6 +26,7 @@ class ServeConfig:
     max_rank: int = 16
     memory_mb: int | None = None  # budget override; default: a fraction of what the device has free
     memory_fraction: float = 0.9
+    pack_weights: bool = True  # fp32 on CPU: oneDNN-packed weights (EngineConfig.pack_weights)
     # limits
     api_key: str | None = field(default_factory=lambda: os.environ.get("LOOM_API_KEY") or None)
     admin_key: str | None = field(default_factory=lambda: os.environ.get("LOOM_ADMIN_KEY") or None)

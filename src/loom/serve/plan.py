@@ -7,6 +7,7 @@ configuration that over-commits memory is refused before anything is allocated.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ class ServePlan:
     max_rank: int
     activations_mb: int
     runtime_mb: int
+    pack_weights: bool = True
     preload: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -68,6 +70,7 @@ class ServePlan:
             max_rank=self.max_rank,
             # the byte cap must not refuse what the slots were sized for
             adapter_cache_mb=max(512, int(self.adapter_slots * self.adapter_slot_mb) + 1),
+            pack_weights=self.pack_weights,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -126,6 +129,14 @@ def make_plan(
         dtype = pick_dtype(cfg.dtype, device)
         variant, weights_mb = VARIANT_OF_DTYPE[dtype], 1
     nbytes = torch.empty((), dtype=dtype).element_size()
+    packed_head_mb = 0
+    if device.type == "cpu" and dtype == torch.float32 and cfg.pack_weights:
+        # The engine holds fp32 CPU weights oneDNN-packed (loom.engine.linear). Packing
+        # replaces the projections' weights, except an lm_head tied to the input
+        # embeddings, which stay dense: that is a second copy. The manifest does not
+        # record tying, so the copy is counted either way (small next to an untied base).
+        packed_head_mb = math.ceil(arch.vocab_size * arch.hidden_size * 4 / MIB)
+        weights_mb += packed_head_mb
     budget = cfg.memory_mb or int(device_memory_mb(device) * cfg.memory_fraction)
     max_rank = max([cfg.max_rank, *preload_ranks])
     # +1: the engine keeps an all-zero slot that base-only rows point at
@@ -155,6 +166,8 @@ def make_plan(
         + runtime_mb
     )
     notes: list[str] = []
+    if packed_head_mb:
+        notes.append(f"weights include {packed_head_mb} MiB for a oneDNN-packed lm_head copy (CPU fp32)")
     if cfg.kv_cache_mb is not None:
         kv_mb = cfg.kv_cache_mb
     else:  # enough for a full batch of full-length sequences, or what is left
@@ -186,6 +199,7 @@ def make_plan(
         max_rank=max_rank,
         activations_mb=activations_mb,
         runtime_mb=runtime_mb,
+        pack_weights=cfg.pack_weights,
         preload=list(cfg.preload),
         notes=notes,
     )
