@@ -20,7 +20,10 @@ Three ways to compute the deltas, chosen once per forward pass (``BatchLoRAConte
   at batch 32 with 8 adapters: cheaper than gathering 32 per-row copies of A
   and B (Punica's BGMV), which moves 4x the bytes.
 * **gather** (decode with many distinct adapters): BGMV, each row's A and B
-  gathered by slot, two batched matmuls.
+  gathered by slot, two batched matmuls. Dense work grows with U, gather's
+  does not: measured per decode step at batch 32, rank 8 on q/v (base ~133 ms),
+  dense vs gather 131.6 vs 141.5 ms at U=8, even around U=16, 148.5 vs
+  141.2 ms at U=28; hence ``DENSE_MAX_COLUMNS`` = 16 adapters of rank 8.
 * **segments** (prefill, where rows are tokens): the scheduler puts rows of
   one adapter side by side and each run gets two plain matmuls (SGMV-style).
   Dense would multiply every token by all U adapters; gathering A per token
@@ -47,8 +50,9 @@ from torch import nn
 
 from loom.engine.linear import FrozenLinear
 
-# Dense deltas while U x max_rank stays this small (columns of ``x @ [A_1 .. A_U]``).
-DENSE_MAX_COLUMNS = 256
+# Dense deltas while U x max_rank stays this small (columns of ``x @ [A_1 .. A_U]``);
+# beyond, the gather path (see the module docstring for the crossover measured).
+DENSE_MAX_COLUMNS = 128
 
 
 @dataclass
