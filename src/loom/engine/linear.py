@@ -9,11 +9,12 @@ rows against every weight of the model, the form matters:
   GEMM reads directly (``torch.ops.mkldnn._reorder_linear_weight``; the same prepacking
   torch's own inductor applies to frozen CPU linears). A plain ``F.linear`` or ``mm``
   repacks the weight into that kind of layout on every call, which for decode-sized
-  inputs is a large part of the work. Measured on the 2-core CPU, in one process,
-  alternating per decode step at batch 32 on the default base: 183.6 -> 152.5 ms per
-  step (vocabulary -15 ms, gate/up -12 ms, o -3 ms; q/k/v unchanged; down slower).
-  Results are identical to ``F.linear`` (the engine's PEFT token-for-token tests run
-  through this path).
+  inputs is a large part of the work. ``benchmarks/decode_step.py`` on the 2-core CPU
+  (batch 32, default base, both forms in turns in one process): 151.6 -> 140.3 ms per
+  step, 167.1 -> 147.0 ms in an earlier run. Per part, packed one at a time:
+  vocabulary -15 ms, gate/up -12 ms, o -3 ms, q/k/v unchanged, down slower (the
+  runner keeps down_proj dense). Results agree with ``F.linear`` to rounding (the
+  engine's PEFT token-for-token tests run through this path).
 * otherwise ``fast_linear``: ``(W @ x.T).T`` for decode-sized inputs, ``F.linear`` for
   prefill.
 

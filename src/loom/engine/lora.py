@@ -21,9 +21,10 @@ Three ways to compute the deltas, chosen once per forward pass (``BatchLoRAConte
   and B (Punica's BGMV), which moves 4x the bytes.
 * **gather** (decode with many distinct adapters): BGMV, each row's A and B
   gathered by slot, two batched matmuls. Dense work grows with U, gather's
-  does not: measured per decode step at batch 32, rank 8 on q/v (base ~133 ms),
-  dense vs gather 131.6 vs 141.5 ms at U=8, even around U=16, 148.5 vs
-  141.2 ms at U=28; hence ``DENSE_MAX_COLUMNS`` = 16 adapters of rank 8.
+  does not: ``benchmarks/decode_step.py`` at batch 32, rank 8 on q/v (base only
+  125.4 ms per step) measured dense vs gather 136.9 / 136.2 ms at U=8, 140.0 /
+  144.2 at U=16, 148.2 / 136.9 at U=28; hence ``DENSE_MAX_COLUMNS`` = 16
+  adapters of rank 8.
 * **segments** (prefill, where rows are tokens): the scheduler puts rows of
   one adapter side by side and each run gets two plain matmuls (SGMV-style).
   Dense would multiply every token by all U adapters; gathering A per token
@@ -34,7 +35,8 @@ Parts of a projection that no adapter in the batch targets are skipped.
 Projections that share an input (q/k/v; gate/up) run as one matmul over
 their concatenated weights (as vLLM's merged projections do): fewer, larger
 matmuls use the cores better than three small ones. The original modules'
-weights become views of the merged tensor, so memory is not doubled.
+weights become views of the merged tensor (or are dropped once packed), so
+memory is not doubled.
 
 The base products themselves are ``loom.engine.linear.FrozenLinear`` (oneDNN-packed
 weights on CPUs).
