@@ -1,6 +1,7 @@
 """A random-weight base of a real architecture's shape, imported into the store.
 
     python benchmarks/random_base.py --shape mistral-7b            # 7.2B params, bf16, ~15 GB
+    python benchmarks/random_base.py --shape smollm2-135m          # the default base's shape
     python benchmarks/engine.py --base mistral-7b-random --device cuda --dtype bfloat16
 
 For measuring speed and memory at production shapes where the real weights cannot
@@ -34,6 +35,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 32768,
         "rope_theta": 1e6,
     },
+    # SmolLM2-135M-Instruct's config (the default base, a Llama; the same math as Mistral
+    # with no sliding window): its shape on a GPU machine, where the real weights are
+    # more than a command can carry
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+    },
     # small enough for a test
     "tiny": {
         "hidden_size": 64,
@@ -58,11 +73,12 @@ def write_random_mistral(
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     spec = dict(SHAPES[shape])
     spec["vocab_size"] = max(spec["vocab_size"], len(tok))
+    tied = bool(spec.pop("tie_word_embeddings", False))
     config = MistralConfig(
         **spec,
         architectures=["MistralForCausalLM"],
         sliding_window=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -87,6 +103,8 @@ def write_random_mistral(
         shard, shard_bytes = {}, 0
 
     for key, size in shapes.items():
+        if tied and key == "lm_head.weight":
+            continue  # the embeddings' weight, as in the real checkpoint
         if key.endswith("norm.weight"):
             t = torch.ones(size, dtype=dtype)
         else:
