@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -103,3 +104,26 @@ def test_concurrent_publishers_lose_nothing(tmp_path: Path) -> None:
     assert _content_sha(store, "blobs@same") == winners[0]["sha"]
     assert all(r.ok for r in verify_store(store))
     assert not any((root / ".staging").iterdir())
+
+
+def test_staging_killed_before_its_owner_record_is_cleared_at_once(tmp_path: Path) -> None:
+    """The area's name carries its owner, so a publisher killed between creating the area
+    and writing owner.json leaves nothing gc must wait a minute for."""
+    import socket
+    import uuid
+
+    from loom.store.backends import STAGING
+
+    store = Store(tmp_path / "store")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    staging = tmp_path / "store" / STAGING
+    host = socket.gethostname()
+    gone = staging / f"{uuid.uuid4().hex}-{dead.pid}-{host}"  # its process has exited
+    alive = staging / f"{uuid.uuid4().hex}-{os.getpid()}-{host}"  # this process: still publishing
+    unnamed = staging / uuid.uuid4().hex  # no owner known: the one-minute grace applies
+    for area in (gone, alive, unnamed):
+        (area / "payload").mkdir(parents=True)
+    report = collect(store)
+    assert [Path(x.split(" (")[0]).name for x in report.leftovers] == [gone.name]
+    assert not gone.exists() and alive.exists() and unnamed.exists()

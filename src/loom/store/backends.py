@@ -41,6 +41,21 @@ def owner_record() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
 
 
+def staging_name() -> str:
+    """A fresh staging area's name, ``<uuid>-<pid>-<host>``: the owner is known from the
+    moment the directory exists, so a publisher killed before it wrote its owner record
+    still leaves an area ``gc`` can clear at once instead of after a minute."""
+    return f"{uuid.uuid4().hex}-{os.getpid()}-{socket.gethostname()}"
+
+
+def owner_from_name(name: str) -> dict[str, Any] | None:
+    """The owner encoded by ``staging_name`` (None for other names)."""
+    parts = name.split("-", 2)
+    if len(parts) != 3 or len(parts[0]) != 32 or not parts[1].isdigit() or not parts[2]:
+        return None
+    return {"pid": int(parts[1]), "host": parts[2]}
+
+
 def owner_is_gone(owner: dict[str, Any] | None, age_s: float, stale_after_s: float) -> bool:
     """True when a staging owner can no longer finish its publish."""
     if age_s > stale_after_s:
@@ -153,7 +168,7 @@ def _tree_size(path: Path) -> int:
 
 class LocalStaging(Staging):
     def __init__(self, root: Path) -> None:
-        self.area = root / STAGING / uuid.uuid4().hex
+        self.area = root / STAGING / staging_name()
         self.area.mkdir(parents=True)
         (self.area / OWNER).write_text(json.dumps(owner_record()))
         self.dir = self.area / "payload"
@@ -250,8 +265,8 @@ class LocalBackend(Backend):
         for area in sorted(staging.iterdir()) if staging.is_dir() else []:
             try:
                 owner = json.loads((area / OWNER).read_text())
-            except (OSError, ValueError):
-                owner = None
+            except (OSError, ValueError):  # killed before (or while) writing it
+                owner = owner_from_name(area.name)
             age = now - area.stat().st_mtime
             if owner_is_gone(owner, age, stale_after_s):
                 why = "owner process is gone" if owner else "no owner record"
