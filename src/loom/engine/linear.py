@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # ``fast_linear``'s transposed form up to this many tokens (decode), F.linear beyond (prefill)
 FAST_LINEAR_MAX_TOKENS = 128
@@ -94,6 +95,16 @@ class FrozenLinear:
         flat = x.reshape(-1, self.in_features)
         out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def release_weights(linears: list[nn.Linear]) -> None:
+    """Drop the weights of ``linears`` whose product now runs from a packed copy.
+
+    The engine owns its model and never calls these modules; an empty weight makes a
+    stray call fail loudly on shapes instead of keeping a second copy of the weights."""
+    for lin in linears:
+        empty = torch.empty(0, device=lin.weight.device, dtype=lin.weight.dtype)
+        lin.weight = nn.Parameter(empty, requires_grad=False)
 
 
 def vocab_linear(x: torch.Tensor, weight: torch.Tensor, chunk: int = 2048) -> torch.Tensor:

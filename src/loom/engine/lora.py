@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loom.engine.linear import FrozenLinear
+from loom.engine.linear import FrozenLinear, release_weights
 
 # Dense deltas while U x max_rank stays this small (columns of ``x @ [A_1 .. A_U]``);
 # beyond, the gather path (see the module docstring for the crossover measured).
@@ -253,13 +253,3 @@ class Projection:
         for i, ((off, n, _), (_, b)) in enumerate(zip(active, gathered, strict=True)):
             b_block[i * width : (i + 1) * width, off : off + n] = b
         return len(active), a_all, b_block
-
-
-def release_weights(linears: list[nn.Linear]) -> None:
-    """Drop the weights of ``linears`` whose product now runs from a packed copy.
-
-    The engine owns its model and never calls these modules; an empty weight makes a
-    stray call fail loudly on shapes instead of keeping a second copy of the weights."""
-    for lin in linears:
-        empty = torch.empty(0, device=lin.weight.device, dtype=lin.weight.dtype)
-        lin.weight = nn.Parameter(empty, requires_grad=False)

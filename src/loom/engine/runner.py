@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.engine.kv_cache import KVCache
-from loom.engine.linear import FrozenLinear
-from loom.engine.lora import BatchLoRAContext, LoRASlots, Projection, release_weights
+from loom.engine.linear import FrozenLinear, release_weights
+from loom.engine.lora import BatchLoRAContext, LoRASlots, Projection
 from loom.errors import LoomError
 
 SUPPORTED = {"llama", "mistral", "qwen2"}

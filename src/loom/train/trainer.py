@@ -119,8 +119,10 @@ def fit(
         task_type="CAUSAL_LM",
     )
     micro_batch, accumulation = cfg.train_batch_size, cfg.gradient_accumulation
-    train_dataset, blocks = _dataset(items), None
-    if cfg.packing:
+    blocks: list[list[int]] | None = None
+    if not cfg.packing:
+        train_dataset = _dataset(items)
+    else:
         # One packed row per micro-step. On CPU rows stay within max_seq_length:
         # without flash attention a packed row costs attention over its whole length
         # squared (three flattened rows of 384 made packing only 1.12x). On CUDA a row may
