@@ -32,6 +32,13 @@ def test_dry_run_prints_the_plan_from_manifests(engine_store: Store) -> None:
     plan = json.loads(result.output)
     assert plan["base_ref"] == "tiny@v1" and plan["variant"] == "float32" and plan["preload"] == ["qv4"]
     assert plan["total_mb"] <= plan["budget_mb"] and plan["kv_sequences"] >= plan["max_batch_size"]
+    assert plan["max_prefill_tokens"] == 256  # CPU default: long prompts go in chunks of it
+    chunked = runner.invoke(app, [*args, "--max-prefill-tokens", "64"], env={"LOOM_STORE": engine_store.url})
+    plan64 = json.loads(chunked.output)
+    assert plan64["max_prefill_tokens"] == 64 and plan64["activations_mb"] <= plan["activations_mb"]
+    assert plan_from_store(ServeConfig(base="tiny", device="cpu", max_prefill_tokens=64), engine_store, [])
+    bad = runner.invoke(app, [*args, "--max-prefill-tokens", "0"], env={"LOOM_STORE": engine_store.url})
+    assert bad.exit_code == 2 and "--max-prefill-tokens 0: give a positive" in bad.output
     table = runner.invoke(app, ["serve", "--dry-run", "--base", "tiny"], env={"LOOM_STORE": engine_store.url})
     assert table.exit_code == 0 and "dry run, nothing loaded" in table.output
 

@@ -29,6 +29,12 @@ def serve(
         "--prefix-cache-mb",
         help="K/V of recent prompt prefixes kept for reuse (MiB; 0: off; default: plan).",
     ),
+    max_prefill_tokens: int | None = _O(
+        None,
+        "--max-prefill-tokens",
+        help="Prompt tokens prefilled per step; longer prompts go in chunks between decode steps, "
+        "so running streams wait for one chunk at most (default: 256 on CPU, 4096 on GPU).",
+    ),
     max_adapters: int = _O(16, "--max-adapters", help="Adapters resident at once."),
     max_rank: int = _O(16, "--max-rank", help="Largest LoRA rank served."),
     memory_mb: int | None = _O(None, "--memory-mb", help="Memory budget (default: 90% of free)."),
@@ -68,6 +74,7 @@ def serve(
         max_seq_len=max_seq_len,
         kv_cache_mb=kv_cache_mb,
         prefix_cache_mb=prefix_cache_mb,
+        max_prefill_tokens=max_prefill_tokens,
         max_adapters=max_adapters,
         max_rank=max_rank,
         memory_mb=memory_mb,
@@ -100,6 +107,7 @@ def serve(
             "max_seq_len",
             "kv_sequences",
             "max_rank",
+            "max_prefill_tokens",
         ):
             table.add_row(key, str(d[key]))
         table.add_row("resident adapters", f"{plan.adapter_slots} slots x {plan.adapter_slot_mb} MiB")

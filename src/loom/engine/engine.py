@@ -41,6 +41,8 @@ class EngineConfig:
     max_seq_len: int = 512
     kv_cache_mb: int = 1024
     max_tokens_in_flight: int | None = None  # default: what the KV cache holds
+    # prompt tokens prefilled per step; a longer prompt is prefilled in chunks of this many
+    # between decode steps (the running rows wait for one chunk, not the whole prompt)
     max_prefill_tokens_per_step: int = 4096
     max_adapters: int = 32  # resident slots
     adapter_cache_mb: int = 512
@@ -49,6 +51,13 @@ class EngineConfig:
     prefix_cache_mb: int = 256  # K/V of recent prompts kept for prefix reuse; 0 turns reuse off
     # fp32 on CPU: weights held oneDNN-packed (loom.engine.linear); False keeps torch's plain GEMMs
     pack_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_prefill_tokens_per_step < 1:
+            raise LoomError(
+                f"max_prefill_tokens_per_step {self.max_prefill_tokens_per_step}: give a positive "
+                "number of tokens"
+            )
 
 
 class Engine:

@@ -27,6 +27,8 @@ class ServeConfig:
     memory_mb: int | None = None  # budget override; default: a fraction of what the device has free
     memory_fraction: float = 0.9
     pack_weights: bool = True  # fp32 on CPU: oneDNN-packed weights (EngineConfig.pack_weights)
+    # prompt tokens prefilled per scheduler step; longer prompts go in chunks (None: the plan's)
+    max_prefill_tokens: int | None = None
     # limits
     api_key: str | None = field(default_factory=lambda: os.environ.get("LOOM_API_KEY") or None)
     admin_key: str | None = field(default_factory=lambda: os.environ.get("LOOM_ADMIN_KEY") or None)

@@ -26,7 +26,11 @@ MIB = 2**20
 # The process itself before any model: Python, torch, transformers and the server imported
 # (measured 362 MB RSS on the project's CPU machine), or the CUDA context on a GPU.
 RUNTIME_MB = {"cpu": 400, "cuda": 600}
-PREFILL_TOKENS = EngineConfig().max_prefill_tokens_per_step
+# Prompt tokens per prefill step (longer prompts are chunked). benchmarks/chunked_prefill.py
+# on the 2-core CPU, a 1,500-token prompt arriving while 8 streams decode the default base:
+# their longest wait 4.8 s unchunked, 1.7 s with 512-token chunks, 0.9 s with 256, the
+# long prompt's first token no later. A GPU prefills thousands of tokens in milliseconds.
+PREFILL_TOKENS = {"cpu": 256, "cuda": EngineConfig().max_prefill_tokens_per_step}
 DEFAULT_PREFIX_MB = EngineConfig().prefix_cache_mb
 VARIANT_OF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 QUANTIZED_ORDER = ("nf4_bnb", "int8_bnb")
@@ -50,6 +54,7 @@ class ServePlan:
     max_rank: int
     activations_mb: int
     runtime_mb: int
+    max_prefill_tokens: int = EngineConfig().max_prefill_tokens_per_step
     pack_weights: bool = True
     preload: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -66,6 +71,7 @@ class ServePlan:
             max_seq_len=self.max_seq_len,
             kv_cache_mb=self.kv_cache_mb,
             prefix_cache_mb=self.prefix_cache_mb,
+            max_prefill_tokens_per_step=self.max_prefill_tokens,
             max_adapters=self.adapter_slots,
             max_rank=self.max_rank,
             # the byte cap must not refuse what the slots were sized for
@@ -146,11 +152,16 @@ def make_plan(
         2 * arch.num_hidden_layers * arch.num_key_value_heads * head_dim * nbytes * cfg.max_seq_len / MIB
     )
     # Peak activations: one batched prefill, whose tokens the scheduler keeps within
-    # max_prefill_tokens_per_step (a single longer prompt still runs), through one layer
+    # max_prefill_tokens_per_step (a longer prompt goes in chunks of it), through one layer
     # (hidden, q/k/v/o and the MLP's gate/up at once), attention scores (tokens x heads x
     # span, fp32 at worst; an upper bound, as rows are attended one at a time) and fp32
     # logits for the whole batch.
-    prefill_tokens = max(min(PREFILL_TOKENS, cfg.max_batch_size * cfg.max_seq_len), cfg.max_seq_len)
+    chunk = cfg.max_prefill_tokens
+    if chunk is None:
+        chunk = PREFILL_TOKENS.get(device.type, PREFILL_TOKENS["cuda"])
+    if chunk < 1:
+        raise LoomError(f"--max-prefill-tokens {chunk}: give a positive number of tokens")
+    prefill_tokens = min(chunk, cfg.max_batch_size * cfg.max_seq_len)
     act_bytes = prefill_tokens * (6 * arch.hidden_size + 3 * arch.intermediate_size) * nbytes
     act_bytes += prefill_tokens * arch.num_attention_heads * cfg.max_seq_len * 4
     act_bytes += cfg.max_batch_size * arch.vocab_size * 4 * 2
@@ -199,6 +210,7 @@ def make_plan(
         max_rank=max_rank,
         activations_mb=activations_mb,
         runtime_mb=runtime_mb,
+        max_prefill_tokens=chunk,
         pack_weights=cfg.pack_weights,
         preload=list(cfg.preload),
         notes=notes,
