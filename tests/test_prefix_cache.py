@@ -3,11 +3,12 @@ a whole-prompt prefill, and engine outputs with shared prefixes against PEFT."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from test_engine import reference
+from test_engine import peft_model, reference
 
 from loom.engine import Engine, SamplingParams
-from loom.engine.prefix_cache import PrefixCache, shared_prefix_len
+from loom.engine.prefix_cache import PrefixCache, common_len, shared_prefix_len
 from loom.store import Store
 
 SHARED = "the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog. "
@@ -91,3 +92,44 @@ def test_shared_prefixes_match_peft_in_a_burst_and_from_the_cache(
     assert after["prefix_cache_hits"] - seeded["prefix_cache_hits"] == len(jobs)
     assert after["prefix_tokens_saved"] > seeded["prefix_tokens_saved"]
     assert [d.token_ids for d in again] == [d.token_ids for d in burst]
+
+
+def test_common_len() -> None:
+    a = np.array([1, 2, 3, 4], dtype=np.int64)
+    assert common_len(a, np.array([1, 2, 9], dtype=np.int64)) == 2
+    assert common_len(a, a[:3]) == 3 and common_len(a[:0], a) == 0
+    assert common_len(a, np.array([7], dtype=np.int64)) == 0
+
+
+def peft_greedy(store: Store, adapter: str | None, ids: list[int], n: int) -> list[int]:
+    model, _ = peft_model(store, adapter)
+    with torch.no_grad():
+        out = model.generate(  # type: ignore[attr-defined]
+            input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+    return list(out[0, len(ids) :].tolist())
+
+
+def test_a_conversations_next_turn_reuses_the_whole_history(engine: Engine, engine_store: Store) -> None:
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    for adapter in [None, "qv4@v1"]:
+        first_ids = engine.tokenize(SHARED + "turn one for " + str(adapter))
+        first = engine.generate(first_ids, adapter=adapter, params=params)
+        # the next turn: the history (prompt and answer) and a new message
+        second_ids = first_ids + first.token_ids + engine.tokenize(" and then play some jazz")
+        before = engine.stats()["prefix_tokens_saved"]
+        second = engine.generate(second_ids, adapter=adapter, params=params)
+        saved = engine.stats()["prefix_tokens_saved"] - before
+        # every token whose K/V the first turn computed: its prompt and all outputs but the last
+        assert saved == len(first_ids) + len(first.token_ids) - 1, (saved, adapter)
+        assert second.token_ids == peft_greedy(engine_store, adapter, second_ids, 8), adapter
+
+    engine.scheduler.remember_outputs = False  # prompts only: the answer is prefilled again
+    try:
+        first_ids = engine.tokenize(SHARED + "turn one, prompts only")
+        first = engine.generate(first_ids, params=params)
+        before = engine.stats()["prefix_tokens_saved"]
+        engine.generate(first_ids + first.token_ids + engine.tokenize(" more"), params=params)
+        assert engine.stats()["prefix_tokens_saved"] - before == len(first_ids)
+    finally:
+        engine.scheduler.remember_outputs = True

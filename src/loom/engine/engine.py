@@ -49,6 +49,9 @@ class EngineConfig:
     max_rank: int = 16
     lora_targets: tuple[str, ...] = ATTN_TARGETS
     prefix_cache_mb: int = 256  # K/V of recent prompts kept for prefix reuse; 0 turns reuse off
+    # finished requests' whole sequences (prompt + output) kept too: a chat's next turn reuses
+    # its history; False keeps prompts only
+    prefix_cache_outputs: bool = True
     # fp32 on CPU: weights held oneDNN-packed (loom.engine.linear); False keeps torch's plain GEMMs
     pack_weights: bool = True
 
@@ -115,7 +118,9 @@ class Engine:
         )
         prefix = PrefixCache(cfg.prefix_cache_mb * 2**20)
         eos = _eos_ids(model, tokenizer)
-        self.scheduler = Scheduler(self.runner, self.cache, self.adapters, limits, eos, prefix)
+        self.scheduler = Scheduler(
+            self.runner, self.cache, self.adapters, limits, eos, prefix, cfg.prefix_cache_outputs
+        )
 
     def _main(self, model: Any, tokenizer: Any, loader: Any) -> None:
         try:

@@ -52,9 +52,15 @@ class Scheduler:
         limits: Limits,
         eos_ids: set[int],
         prefix: PrefixCache | None = None,
+        remember_outputs: bool = True,
     ) -> None:
+        """``remember_outputs``: a finished request's whole sequence (prompt and generated
+        tokens) goes into the prefix cache, not only its prompt, so the next turn of a
+        conversation (the history with this answer, then a new message) prefills only
+        the new message."""
         self.runner, self.cache, self.adapters, self.limits = runner, cache, adapters, limits
         self.prefix = prefix or PrefixCache(0)
+        self.remember_outputs = remember_outputs
         self.eos_ids = eos_ids
         self.control: queue.Queue[Callable[[], None]] = queue.Queue()
         self.waiting: deque[Request] = deque()
@@ -340,6 +346,10 @@ class Scheduler:
                 i += 1
                 continue
             reason, text = req.meta.pop("finish")
+            if self.remember_outputs and reason in ("stop", "length"):
+                # The slot holds K/V for the prompt and every generated token but the last
+                # (sampled, never fed back).
+                self._remember(req, req.prompt_ids + req.generated[:-1], i)
             self._finish(req, reason, text)
             last = len(self.running) - 1
             if i != last:
