@@ -106,18 +106,26 @@ def test_cancel_while_prefilling(engine: Engine, monkeypatch: pytest.MonkeyPatch
 
 
 def test_an_error_in_a_chunk_ends_only_that_request(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    short = engine.submit("play some music", params=SamplingParams(max_new_tokens=40, ignore_eos=True))
+    deadline = time.monotonic() + 30
+    while short.sink.squeue.empty() and time.monotonic() < deadline:  # it is decoding
+        time.sleep(0.001)
     original = engine.runner.prefill
     calls = []
 
     def failing(*args: Any) -> Any:
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 2:  # the long prompt's second chunk
             raise RuntimeError("boom")
         return original(*args)
 
     monkeypatch.setattr(engine.runner, "prefill", failing)
     done = engine.generate(LONG, params=SamplingParams(max_new_tokens=4))
     assert done.finish_reason == "error" and done.error is not None and "boom" in done.error
+    while not (chunk := short.sink.squeue.get(timeout=30)).finished:
+        pass
+    assert chunk.completion is not None and chunk.completion.error is None  # the running row went on
+    assert len(chunk.completion.token_ids) == 40
     assert engine.stats()["prefilling_tokens_left"] == 0
     monkeypatch.setattr(engine.runner, "prefill", original)
     assert engine.generate(LONG, params=SamplingParams(max_new_tokens=3)).error is None

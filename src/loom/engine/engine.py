@@ -346,7 +346,7 @@ class Engine:
         s.update(
             resident_adapters=resident,
             adapter_counters=counters,
-            oom_events=self.oom_events,
+            oom_events=self.oom_events + self.scheduler.oom_events,
             adapter_bytes=adapter_bytes,
             kv_cache_bytes=self.cache.nbytes,
             packed_weights=self.runner.head.packed is not None,

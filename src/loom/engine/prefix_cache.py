@@ -91,18 +91,18 @@ class PrefixCache:
         already covers them; an entry that is a prefix of ``tokens`` is replaced."""
         if not self.enabled or len(tokens) < self.min_tokens:
             return
-        entry = Entry(np.asarray(tokens, dtype=np.int64), k.clone(), v.clone())
-        if entry.nbytes > self.max_bytes:
+        if 2 * k.numel() * k.element_size() > self.max_bytes:
             return
+        ids = np.asarray(tokens, dtype=np.int64)
         key = self._bucket(adapter, tokens)
-        bucket = self.buckets.setdefault(key, [])
-        for old in list(bucket):
-            shared = common_len(old.tokens, entry.tokens)
-            if shared == len(entry.tokens):
+        for old in list(self.buckets.get(key, [])):
+            shared = common_len(old.tokens, ids)
+            if shared == len(ids):  # covered (a short answer to a cached prompt): no copy
                 self.lru.move_to_end(id(old))
                 return
             if shared == len(old.tokens):
                 self._drop(id(old))
+        entry = Entry(ids, k.clone(), v.clone())
         while self.bytes + entry.nbytes > self.max_bytes and self.lru:
             self._drop(next(iter(self.lru)))
         self.buckets.setdefault(key, []).append(entry)

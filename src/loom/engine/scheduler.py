@@ -71,6 +71,7 @@ class Scheduler:
         self.partial: tuple[Request, int, int] | None = None
         self.steps = 0
         self.tokens_out = 0
+        self.oom_events = 0  # caught here (a failed chunk); the engine counts the rest
 
     # ------------------------------------------------------------------ loop
     def step(self, block: bool) -> bool:
@@ -157,12 +158,13 @@ class Scheduler:
             if in_flight + req.budget_tokens > self.limits.max_tokens_in_flight and self.running:
                 break  # FCFS: do not let later, smaller requests overtake
             need = len(req.prompt_ids)
-            if need > budget:  # a cached prefix may leave less than the budget to compute
-                need -= self.prefix.match(self._prefix_owner(req), req.prompt_ids, count=False)[1]
             if admitted and tokens + need > budget:
                 break
             self.waiting.remove(req)
-            if need > budget:  # alone (admitted is empty): prefilled a chunk per iteration
+            if need > budget:
+                # Alone (admitted is empty), a chunk per iteration, after any cached prefix:
+                # no prefill call ever computes more than the budget (the serve plan sizes
+                # activations from it).
                 self._start_partial(req)
                 return True
             in_flight += req.budget_tokens
@@ -213,8 +215,9 @@ class Scheduler:
     def _start_partial(self, req: Request) -> None:
         req.slot = self.adapters.acquire(req.adapter_key) if req.adapter_key else -1
         kv_slot = len(self.running)
+        self.partial = (req, kv_slot, 0)  # from here a failing step finds and ends it
         self.partial = (req, kv_slot, self._reuse_prefix(req, kv_slot))
-        self._advance_partial()  # on an error fail_running finds and ends it there
+        self._advance_partial()
 
     def _advance_partial(self) -> bool:
         """Prefill the next chunk of the partial prompt; after the last one the request
@@ -227,15 +230,22 @@ class Scheduler:
             return False
         n = len(req.prompt_ids)
         end = min(n, done + self.limits.max_prefill_tokens_per_step)
-        logits = self.runner.prefill(self.cache, kv_slot, [req.prompt_ids[:end]], [req.slot], [done])
+        try:
+            logits = self.runner.prefill(self.cache, kv_slot, [req.prompt_ids[:end]], [req.slot], [done])
+        except Exception as exc:  # its own failure (a chunk out of memory): the running rows go on
+            self.oom_events += isinstance(exc, torch.OutOfMemoryError)
+            self.partial = None
+            req.error = f"engine error: {exc}"
+            self._finish(req, "error", "")
+            return True
         if end < n:
             self.partial = (req, kv_slot, end)
             return True
-        self.partial = None
         row = len(self.running)  # running rows may have finished meanwhile: close the gap
         if kv_slot != row:
             self.cache.move(kv_slot, row, n)
         self.running.append(req)
+        self.partial = None  # only now: had the move failed, fail_running would find it here
         self._remember(req, req.prompt_ids, row)
         self._accept(req, logits[0], int(logits[0].argmax()))
         return True
@@ -397,7 +407,8 @@ class Scheduler:
             "queue_depth": len(self.waiting),
             "batch_size": len(self.running),
             "prefilling_tokens_left": self._partial_left(),
-            "tokens_in_flight": sum(r.budget_tokens for r in self.running),
+            "tokens_in_flight": sum(r.budget_tokens for r in self.running)
+            + (self.partial[0].budget_tokens if self.partial else 0),
             "steps": self.steps,
             "tokens_generated": self.tokens_out,
             "adapters_loading": len(self.pending_loads),

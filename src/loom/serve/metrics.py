@@ -30,6 +30,11 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("loom_queue_depth", "Requests waiting for a batch slot", s["queue_depth"])
         yield GaugeMetricFamily("loom_running_batch_size", "Requests in the running batch", s["batch_size"])
         yield GaugeMetricFamily(
+            "loom_prefill_tokens_pending",
+            "Prompt tokens of a long prompt still to prefill (chunked)",
+            s["prefilling_tokens_left"],
+        )
+        yield GaugeMetricFamily(
             "loom_resident_adapters", "Adapters resident in engine slots", len(s["resident_adapters"])
         )
         yield GaugeMetricFamily("loom_adapters_loading", "Adapter reads under way", s["adapters_loading"])
