@@ -328,3 +328,19 @@ def test_damaged_adapter_file_is_refused_while_others_run(
     assert fine_done.error is None and len(fine_done.token_ids) == 4
     with pytest.raises(LoomError, match="checksum"):
         engine.load_adapter("fragile@v1")
+
+
+def test_a_smaller_adapter_in_a_reused_slot_leaves_nothing_of_the_larger() -> None:
+    from loom.engine.lora import BatchLoRAContext, LoRASlots
+
+    ctx = BatchLoRAContext(zero_slot=2, max_rank=8)
+    slots = LoRASlots(6, 5, ctx, torch.zeros(5, 6))
+    big_a, big_b = torch.randn(8, 6), torch.randn(5, 8)
+    slots.set_slot(0, big_a, big_b, 0.5)
+    assert torch.allclose(slots.lora_a[0], big_a.t()) and torch.allclose(slots.lora_b[0], big_b.t() * 0.5)
+    epoch = ctx.epoch
+    small_a, small_b = torch.randn(2, 6), torch.randn(5, 2)
+    slots.install(0, *slots.prepare(small_a, small_b, 2.0))
+    assert ctx.epoch > epoch  # cached gathers of the old weights are invalid
+    assert torch.equal(slots.lora_a[0, :, :2], small_a.t()) and not slots.lora_a[0, :, 2:].any()
+    assert torch.allclose(slots.lora_b[0, :2], small_b.t() * 2.0) and not slots.lora_b[0, 2:].any()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loom.data.snapshot import snapshot
-from loom.errors import IntegrityError, LoomError, NotFoundError, VersionExistsError
+from loom.errors import IntegrityError, LoomError, NotFoundError, RefError, VersionExistsError
 from loom.store import Store
 from loom.store.gc import collect
 from loom.store.importers import import_hf_dir
@@ -72,6 +72,25 @@ def test_versions_are_immutable_and_auto_versions_get_suffixes(
 def test_names_are_unique_across_kinds(store: Store, tiny_base: str) -> None:
     with pytest.raises(LoomError, match="already used"):
         _publish_blob(store, "tiny-mistral", b"x")
+
+
+def test_find_looks_in_every_kind_and_agent_and_names_ambiguity(
+    store: Store, tiny_base: str, tiny_adapter_dir: Path
+) -> None:
+    import shutil
+
+    from loom.store.adapters import publish_adapter
+
+    publish_adapter(store, tiny_adapter_dir, agent="intent", name="lora-x", base=tiny_base, version="v1")
+    _publish_blob(store, "blobs", b"x", version="v1")
+    assert store.find("lora-x").agent == "intent" and store.find("lora-x").kind == "adapter"
+    assert store.find("blobs").kind == "dataset" and store.find("tiny-mistral").kind == "base"
+    with pytest.raises(NotFoundError, match="no artifact named 'lora-y'"):
+        store.find("lora-y")
+    root = Path(store.url)  # a hand-edited store: the same name under a second agent
+    shutil.copytree(root / store.find("lora-x").rel, root / "adapters" / "other" / "lora-x")
+    with pytest.raises(RefError, match="ambiguous"):
+        store.find("lora-x")
 
 
 def test_pickles_are_refused(store: Store, tmp_path: Path, tiny_dir: Path) -> None:

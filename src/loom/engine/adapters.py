@@ -27,7 +27,8 @@ from loom.store.facts import lora_module_of
 from loom.store.hashing import sha256_bytes
 from loom.store.store import Store
 
-ModuleWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (A, B, scale)
+# module -> (A, B) as LoRASlots.prepare lays them out: [in, r] and [r, out] with the scale in B
+ModuleWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -82,7 +83,7 @@ def read_adapter(
         if mapped is not None:
             pairs.setdefault(mapped[0].removesuffix(".weight"), {})[mapped[1]] = tensor
     weights: ModuleWeights = {}
-    rank = 0
+    rank = nbytes = 0
     for module, ab in pairs.items():
         if module not in runner.lora_modules:
             targets = sorted({m.rsplit(".", 1)[-1] for m in runner.lora_modules})
@@ -105,11 +106,11 @@ def read_adapter(
         short = module.rsplit(".", 1)[-1]
         a_mod = alpha_pattern.get(module, alpha_pattern.get(short, alpha))
         scale = a_mod / (r**0.5 if rslora else r)
-        weights[module] = (a, b, scale)
+        nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()  # as stored
+        weights[module] = layer.prepare(a, b, scale)
         rank = max(rank, r)
     if not weights:
         raise CompatibilityError(f"{key}: no LoRA weights found in adapter_model.safetensors")
-    nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in weights.values())
     return AdapterWeights(key, weights, nbytes, rank, time.monotonic() - started)
 
 
@@ -193,8 +194,8 @@ class AdapterCache:
             self._make_room(loaded.nbytes)
             used = {r.slot for r in self.resident.values()}
             slot = next(s for s in range(self.max_slots) if s not in used)
-            for module, (a, b, scale) in loaded.weights.items():
-                self.runner.lora_modules[module].set_slot(slot, a, b, scale)
+            for module, (a_t, b_s) in loaded.weights.items():
+                self.runner.lora_modules[module].install(slot, a_t, b_s)
             serial = self.counters["loads"]
             entry = Resident(loaded.key, slot, loaded.nbytes, loaded.rank, serial=serial, pinned=pinned)
             self.resident[loaded.key] = entry

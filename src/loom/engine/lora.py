@@ -140,11 +140,26 @@ class LoRASlots:
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Install PEFT-shaped ``a`` [r, in] and ``b`` [out, r] into ``slot``."""
-        r = a.shape[0]
-        self.clear_slot(slot)
-        self.lora_a[slot, :, :r] = a.t().to(self.lora_a.dtype)
-        self.lora_b[slot, :r, :] = (b.t().float() * scale).to(self.lora_b.dtype)
+        self.install(slot, *self.prepare(a, b, scale))
+
+    def prepare(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """PEFT's ``a`` [r, in], ``b`` [out, r] in the slots' layout and dtype (A transposed,
+        B transposed and scaled). Done by the loading thread, so that installing on the
+        engine thread, between decode steps, is only two copies per module."""
+        dtype = self.lora_a.dtype
+        return a.t().to(dtype).contiguous(), (b.t().float() * scale).to(dtype).contiguous()
+
+    def install(self, slot: int, a_t: torch.Tensor, b_s: torch.Tensor) -> None:
+        """Copy ``prepare``'s output into ``slot``; a rank below max_rank zeroes the rest
+        (a larger adapter may have held the slot)."""
+        r = a_t.shape[1]
+        self.lora_a[slot, :, :r].copy_(a_t)
+        self.lora_b[slot, :r, :].copy_(b_s)
+        if r < self.lora_a.shape[2]:
+            self.lora_a[slot, :, r:].zero_()
+            self.lora_b[slot, r:, :].zero_()
         self.filled.add(slot)
+        self.ctx.weights_changed()
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
