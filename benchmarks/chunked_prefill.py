@@ -63,7 +63,7 @@ def one_turn(
     itl = sorted(b - a for t in times for a, b in itertools.pairwise(t))
     return {
         "itl_p50_ms": statistics.median(itl) * 1000,
-        "itl_p95_ms": engine_bench.pct(itl, 95) * 1000,
+        "itl_p95_ms": engine_bench.pct(itl, 0.95) * 1000,
         "itl_max_ms": itl[-1] * 1000,
         "long_ttft_ms": (long.time_to_first_token_s or 0.0) * 1000,
         "running_total_s": max(t[-1] for t in times) - started,
