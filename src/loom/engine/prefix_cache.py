@@ -31,6 +31,11 @@ def shared_prefix_len(seqs: list[list[int]]) -> int:
     return len(lo)
 
 
+def kv_nbytes(k: torch.Tensor) -> int:
+    """Bytes of an entry holding ``k`` and a V of the same shape."""
+    return 2 * k.numel() * k.element_size()
+
+
 def common_len(a: np.ndarray, b: np.ndarray) -> int:
     """Leading tokens two id arrays share. A lookup compares the prompt with every entry
     of its bucket (an agent's conversations share the system prompt, so one bucket holds
@@ -48,7 +53,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return kv_nbytes(self.k)
 
 
 class PrefixCache:
@@ -91,7 +96,7 @@ class PrefixCache:
         already covers them; an entry that is a prefix of ``tokens`` is replaced."""
         if not self.enabled or len(tokens) < self.min_tokens:
             return
-        if 2 * k.numel() * k.element_size() > self.max_bytes:
+        if kv_nbytes(k) > self.max_bytes:  # checked before copying
             return
         ids = np.asarray(tokens, dtype=np.int64)
         key = self._bucket(adapter, tokens)

@@ -398,17 +398,14 @@ class Scheduler:
         completion = req.completion(reason, "")
         req.sink.put(StreamChunk(req.id, "", [], finished=True, completion=completion))
 
-    def _partial_left(self) -> int:
-        partial = self.partial  # read once: other threads call stats()
-        return len(partial[0].prompt_ids) - partial[2] if partial else 0
-
     def stats(self) -> dict[str, Any]:
+        partial = self.partial  # read once: other threads call stats() while it changes
         return {
             "queue_depth": len(self.waiting),
             "batch_size": len(self.running),
-            "prefilling_tokens_left": self._partial_left(),
+            "prefilling_tokens_left": len(partial[0].prompt_ids) - partial[2] if partial else 0,
             "tokens_in_flight": sum(r.budget_tokens for r in self.running)
-            + (self.partial[0].budget_tokens if self.partial else 0),
+            + (partial[0].budget_tokens if partial else 0),
             "steps": self.steps,
             "tokens_generated": self.tokens_out,
             "adapters_loading": len(self.pending_loads),
