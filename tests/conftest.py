@@ -77,3 +77,16 @@ def engine(engine_store: Store) -> Iterator[Engine]:
     )
     yield eng
     eng.shutdown()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """With LOOM_NUMERIC_REPORT=1, list every logits comparison: error vs fp32 noise."""
+    from helpers import NOISE_FACTOR, NUMERIC_LOG
+
+    if not os.environ.get("LOOM_NUMERIC_REPORT") or not NUMERIC_LOG:
+        return
+    terminalreporter.section("numeric agreement (|got - fp64| vs fp32 reference noise)")
+    for what, err, noise in NUMERIC_LOG:
+        terminalreporter.line(f"{what:<40} err {err:.3e}  noise {noise:.3e}  ratio {err / noise:5.2f}")
+    worst = max(err / noise for _, err, noise in NUMERIC_LOG)
+    terminalreporter.line(f"worst ratio {worst:.2f} (bound {NOISE_FACTOR:g})")

@@ -71,3 +71,73 @@ def tiny_engine(store: Any, **config: int) -> Any:  # Engine on the store's "tin
     from loom.engine import Engine
 
     return Engine.from_store("tiny", device="cpu", store=store, **config)
+
+
+# --- Numeric agreement -------------------------------------------------------------------------
+# Two fp32 computations of the same logits differ because they sum in different orders: oneDNN
+# picks other kernels (and blockings) per ISA, Loom holds packed weights, batches rows together.
+# A fixed atol is a statement about one machine. Instead, each comparison is checked against what
+# fp32 arithmetic allows:
+# - one product of reduction length K (``assert_product_close``): Higham's bound for any
+#   summation order, |fl(x.w) - x.w| <= gamma_K * (|x|.|w|), gamma_K = K*u / (1 - K*u), u = 2^-24;
+#   two such results differ by at most twice that.
+# - a whole network (``Fp32Reference``): no worst-case bound composes usefully through 30 layers,
+#   so the reference is computed twice, in fp32 and in float64 (exact to fp32's eyes). The fp32
+#   reference's own distance to float64 is the rounding noise of this computation on this machine
+#   and ISA; a correct fp32 implementation summing in another order has noise of the same size,
+#   so its distance to float64 must stay within NOISE_FACTOR times the reference's. A real bug
+#   (a wrong scale, a row reading another row's K/V) is orders of magnitude above it.
+FP32_U = 2.0**-24
+NOISE_FACTOR = 4.0
+
+
+def gamma(k: int) -> float:
+    return k * FP32_U / (1 - k * FP32_U)
+
+
+def assert_product_close(
+    got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
+    """``got`` must equal ``x @ weight.T + bias`` within two fp32 rounding bounds of the product."""
+    exact = x.double() @ weight.double().T + (bias.double() if bias is not None else 0.0)
+    magnitude = x.double().abs() @ weight.double().abs().T + (
+        bias.double().abs() if bias is not None else 0.0
+    )
+    bound = 2 * gamma(x.shape[-1] + 1) * magnitude
+    excess = ((got.double() - exact).abs() - bound).max().item()
+    assert excess <= 0, f"product off by more than 2*gamma_K*|x||w| (excess {excess:.3g})"
+
+
+class Fp32Reference:
+    """Reference logits computed in fp32 and in float64 from the same model and inputs."""
+
+    def __init__(self, model: Any, **inputs: torch.Tensor) -> None:
+        import copy
+
+        with torch.no_grad():
+            self.fp32 = model(**inputs).logits.float()
+            self.fp64 = copy.deepcopy(model).double()(**inputs).logits
+        # never below one ulp of the largest logit: a reference that happens to round exactly
+        # would otherwise demand bit equality
+        self.noise = max(
+            (self.fp32.double() - self.fp64).abs().max().item(), FP32_U * self.fp64.abs().max().item()
+        )
+
+    def error(self, got: torch.Tensor, index: Any = ...) -> float:
+        return (got.double() - self.fp64[index]).abs().max().item()
+
+    def check(self, got: torch.Tensor, index: Any = ..., what: object = "") -> float:
+        """Assert ``got`` (fp32, another summation order) is as close to float64 as fp32 allows."""
+        err, bound = self.error(got, index), NOISE_FACTOR * self.noise
+        assert err <= bound, (
+            f"{what}: |got - fp64| = {err:.3g} > {NOISE_FACTOR:g} x fp32 noise {self.noise:.3g}"
+        )
+        record_numeric(str(what), err, self.noise)
+        return err
+
+
+NUMERIC_LOG: list[tuple[str, float, float]] = []  # (what, error, noise): printed by LOOM_NUMERIC_REPORT
+
+
+def record_numeric(what: str, err: float, noise: float) -> None:
+    NUMERIC_LOG.append((what, err, noise))

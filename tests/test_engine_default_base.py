@@ -1,7 +1,8 @@
 """Integration: the engine on the embedded SmolLM2 default base against a PEFT reference:
 greedy tokens identical for a mixed batch of two adapters (different ranks and targets)
 and base-only rows sharing a system prompt (so prefix reuse is on the path), and
-final-layer logits within 1e-4 in fp32."""
+final-layer logits as close to a float64 reference as PEFT's own fp32 logits are
+(``helpers.Fp32Reference``: the tolerance follows from fp32 rounding, not from one CPU)."""
 
 from __future__ import annotations
 
@@ -56,12 +57,13 @@ def test_mixed_batch_matches_peft_token_for_token(engine: Engine, default_store:
         assert got.token_ids == out[0, ids.shape[1] :].tolist(), (message, adapter)
 
 
-def test_logits_agree_with_peft_within_1e4(engine: Engine, default_store: Store) -> None:
+def test_logits_agree_with_peft_within_fp32_noise(engine: Engine, default_store: Store) -> None:
+    from helpers import Fp32Reference
+
     ids = prompt_ids(engine, MESSAGES[1])
     for adapter in ["eq-attn@v1", None]:
         loaded = load_model(BASE, [adapter] if adapter else [], store=default_store, device="cpu")
-        with torch.no_grad():
-            ref = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
+        ref = Fp32Reference(loaded.model, input_ids=torch.tensor([ids]))
         slot = engine.adapters.resident[engine.load_adapter(adapter)].slot if adapter else -1
 
         def prefill_then_decode(slot: int = slot) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,5 +72,5 @@ def test_logits_agree_with_peft_within_1e4(engine: Engine, default_store: Store)
             return first, last
 
         first, last = engine._on_engine_thread(prefill_then_decode)
-        assert torch.allclose(first, ref[-2], atol=1e-4), (adapter, (first - ref[-2]).abs().max())
-        assert torch.allclose(last, ref[-1], atol=1e-4), (adapter, (last - ref[-1]).abs().max())
+        ref.check(first, (0, -2), f"default base prefill {adapter}")
+        ref.check(last, (0, -1), f"default base decode {adapter}")

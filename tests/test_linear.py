@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import tiny_engine
+from helpers import assert_product_close, tiny_engine
 from torch import nn
 
 from loom.engine import Engine, SamplingParams
@@ -30,9 +29,9 @@ def test_frozen_linear_matches_f_linear(pack: bool, rows: int) -> None:
     for b in (None, bias):
         got = FrozenLinear(weight, b, pack)(x)
         assert got.shape == (2, rows, 96)
-        torch.testing.assert_close(got, F.linear(x, weight, b), atol=1e-5, rtol=1e-5)
+        assert_product_close(got, x, weight, b)
     vocab = FrozenLinear(weight, None, pack, vocab=True)(x[0])
-    torch.testing.assert_close(vocab, F.linear(x[0], weight), atol=1e-5, rtol=1e-5)
+    assert_product_close(vocab, x[0], weight)
     with pytest.raises(ValueError, match="no bias"):
         FrozenLinear(weight, bias, pack, vocab=True)
 
@@ -46,12 +45,12 @@ def test_bf16_weights_stay_dense() -> None:
 def test_packed_projection_drops_the_dense_weights() -> None:
     q, k = nn.Linear(16, 16, bias=True), nn.Linear(16, 8, bias=False)
     x = torch.randn(3, 16)
-    want = [q(x).detach(), k(x).detach()]
+    want = [(q.weight.detach().clone(), q.bias.detach().clone()), (k.weight.detach().clone(), None)]
     proj = Projection([q, k], [None, None], BatchLoRAContext(zero_slot=0, max_rank=4), pack=True)
     assert proj.base.packed is not None and proj.base.dense is None
     assert q.weight.numel() == 0 and k.weight.numel() == 0  # no second copy kept
-    for got, ref in zip(proj(x), want, strict=True):
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for got, (weight, bias) in zip(proj(x), want, strict=True):
+        assert_product_close(got, x, weight, bias)
 
 
 @needs_onednn

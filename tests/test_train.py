@@ -208,10 +208,11 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_dir: Path) -> None:
     a, b = [5, 17, 42, 8, 99], [7, 23, 11]
     packed = torch.tensor([a + b])
     positions = torch.tensor([list(range(len(a))) + list(range(len(b)))])
+    from helpers import Fp32Reference
+
     with torch.no_grad():
         together = model(input_ids=packed, position_ids=positions).logits[0, len(a) :]
-        alone = model(input_ids=torch.tensor([b])).logits[0]
-    assert torch.allclose(together, alone, atol=1e-5)
+    Fp32Reference(model, input_ids=torch.tensor([b])).check(together, 0, "packed example")
 
 
 def test_packed_steps_hold_the_examples_a_padded_batch_would() -> None:

@@ -64,12 +64,9 @@ class GrammarProcessor:
 
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         self._llt.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
-        row = logits[: self.vocab_size].unsqueeze(0).clone()
-        # llguidance fills the mask on the CPU; the kernel wants it where the logits are
-        # (a blocking copy: the next fill writes into the same, possibly pinned, buffer).
-        self._llt.apply_token_bitmask_inplace(row, self.bitmask.to(row.device))
+        allowed = allowed_tokens(self.bitmask[0], self.vocab_size).to(logits.device)
         out = torch.full_like(logits, float("-inf"))
-        out[: self.vocab_size] = row[0]
+        out[: self.vocab_size] = logits[: self.vocab_size].masked_fill(~allowed, float("-inf"))
         return out
 
     def accept(self, token: int) -> None:
@@ -78,3 +75,17 @@ class GrammarProcessor:
 
     def is_terminated(self) -> bool:
         return bool(self.matcher.is_stopped())
+
+
+_BIT = torch.arange(32, dtype=torch.int32)
+
+
+def allowed_tokens(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """llguidance's bitmask (int32 words, bit ``i % 32`` of word ``i // 32`` = token ``i``
+    allowed) as a [vocab_size] bool tensor.
+
+    Written out rather than llguidance.torch.apply_token_bitmask_inplace: that kernel goes
+    through torch.compile, whose CPU code from torch 2.13 on an AVX-512 machine masked the
+    wrong tokens and overflowed the heap (the process aborted in the next llguidance call).
+    Unpacking one row is ~50k integer ops, far below one decode step."""
+    return ((words.unsqueeze(1) >> _BIT) & 1).flatten()[:vocab_size].bool()
