@@ -83,15 +83,16 @@ def main() -> None:
     refs = engine_bench.make_adapters(store, base_ref, max(args.adapters))
     r, cache = runner(True, slots=max(args.adapters))
     from loom.engine.adapters import AdapterCache
+    from loom.engine.resolver import AdapterResolver
 
-    adapters = AdapterCache(r, store, None, max(args.adapters), 2**31, engine_bench.RANK)
+    adapters = AdapterCache(r, AdapterResolver(store, None), max(args.adapters), 2**31, engine_bench.RANK)
     slots = []
     for ref in refs[: max(args.adapters)]:
-        key, folder = adapters.resolve(ref)
-        fut = adapters.request_load(key, folder)
+        resolved = adapters.resolver.resolve(ref)
+        fut = adapters.request_load(resolved)
         assert fut is not None
         adapters.install(fut.result())
-        slots.append(adapters.resident[key].slot)
+        slots.append(adapters.resident[resolved.key].slot)
     variants = {"base only": [-1] * args.batch}
     variants |= {f"U={u}": [slots[i % u] for i in range(args.batch)] for u in args.adapters}
     res: dict[tuple[str, str], list[float]] = {}

@@ -146,7 +146,7 @@ def test_streaming_and_cancellation(engine: Engine) -> None:
 
 def test_hot_swap_while_decoding(engine: Engine, engine_store: Store) -> None:
     eos = engine.scheduler.eos_ids
-    engine.adapters.routes.pop("qv4", None)
+    engine.resolver.routes.pop("qv4", None)
     old = engine.submit(PROMPTS[0], adapter="qv4", params=SamplingParams(max_new_tokens=100, ignore_eos=True))
     deadline = time.monotonic() + 30
     while old.sink.squeue.qsize() < 2 and time.monotonic() < deadline:  # it is decoding on v1

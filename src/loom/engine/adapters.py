@@ -1,10 +1,10 @@
-"""The adapter cache: load from the store off the decode path, LRU over slots and bytes,
-pinning, preload, explicit unload and hot-swap by version.
+"""The adapter cache: load resolved adapters off the decode path, LRU over slots and bytes,
+pinning, preload, explicit unload, and a wait for a slot when every slot is in use.
 
-Keys are concrete ``name@version`` refs. A bare name routes to a version
-(resolved once from the store's ``current`` alias, or set by ``swap``), so a
-hot-swap changes where *new* requests go while running requests keep the slot
-they started with (reference counts keep it resident until they finish).
+Keys are concrete ``name@version`` refs; which version a bare name or alias means is the
+resolver's business (``loom.engine.resolver``), so a hot-swap or an alias move changes where
+*new* requests go while running requests keep the slot they started with (reference counts
+keep it resident until they finish).
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
+from loom.engine.resolver import AdapterResolver, ResolvedAdapter
 from loom.engine.runner import ModelRunner
 from loom.errors import CompatibilityError, IntegrityError, LoomError
-from loom.models.loading import materialize, resolve_adapter
-from loom.refs import parse_ref
 from loom.store.facts import lora_module_of
 from loom.store.hashing import sha256_bytes
-from loom.store.store import Store
 
 # module -> (A, B) as LoRASlots.prepare lays them out: [in, r] and [r, out] with the scale in B
 ModuleWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -114,67 +112,39 @@ def read_adapter(
     return AdapterWeights(key, weights, nbytes, rank, time.monotonic() - started)
 
 
+class SlotsBusy(LoomError):
+    """Every slot serves running requests: the adapter waits for one to be released."""
+
+
 class AdapterCache:
     def __init__(
         self,
         runner: ModelRunner,
-        store: Store | None,
-        base_fingerprint: str | None,
+        resolver: AdapterResolver,
         max_slots: int,
         max_bytes: int,
         max_rank: int,
     ) -> None:
-        self.runner, self.store, self.fingerprint = runner, store, base_fingerprint
+        self.runner, self.resolver = runner, resolver
         self.max_slots, self.max_bytes, self.max_rank = max_slots, max_bytes, max_rank
         self.resident: dict[str, Resident] = {}
-        self.routes: dict[str, str] = {}  # bare name -> name@version for new requests
         self.loading: dict[str, Future[AdapterWeights]] = {}
-        self.checksums: dict[str, dict[str, str]] = {}  # name@version -> file -> sha256
-        self.folders: dict[str, Path] = {}  # name@version -> local folder, once resolved
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loom-adapter-load")
         self.lock = threading.Lock()
-        self.counters = {"loads": 0, "load_failures": 0, "evictions": 0, "swaps": 0}
+        self.counters = {"loads": 0, "load_failures": 0, "evictions": 0, "swaps": 0, "slot_waits": 0}
         self.load_seconds: list[float] = []
 
-    # -- resolution (caller threads) ------------------------------------------
-    def resolve(self, ref: str) -> tuple[str, Path]:
-        """``ref`` -> (``name@version``, local folder), checking kind and base fingerprint."""
-        parsed = parse_ref(ref)
-        if parsed.kind == "path":
-            folder = Path(parsed.name)
-            if not (folder / "adapter_config.json").is_file():
-                raise LoomError(f"adapter {ref}: no adapter_config.json in that folder")
-            return f"path:{folder.resolve()}", folder
-        if parsed.kind != "store":
-            raise LoomError(f"adapter {ref}: give a store ref (name or name@version) or a local folder")
-        if self.store is None:
-            raise LoomError(f"adapter {ref}: this engine has no store; pass a local adapter folder")
-        with self.lock:
-            routed = self.routes.get(parsed.name) if parsed.selector is None else None
-            known = routed or (ref if parsed.selector is not None else None)
-            if known in self.resident and known in self.folders:
-                # a version is immutable and was kind- and fingerprint-checked when it was loaded:
-                # requests for a resident adapter need no store lookup (the hot path)
-                return known, self.folders[known]
-        resolved = resolve_adapter(self.store, routed or ref, self.fingerprint, "the base this engine serves")
-        with self.lock:
-            if parsed.selector is None and routed is None:
-                self.routes.setdefault(parsed.name, resolved.ref)
-            self.checksums[resolved.ref] = {f.path: f.sha256 for f in resolved.manifest.files}
-        folder = materialize(self.store, resolved)
-        with self.lock:
-            self.folders[resolved.ref] = folder
-        return resolved.ref, folder
-
-    def request_load(self, key: str, folder: Path) -> Future[AdapterWeights] | None:
-        """Start reading ``key`` in the background unless resident or already loading."""
+    def request_load(self, adapter: ResolvedAdapter) -> Future[AdapterWeights] | None:
+        """Start reading a resolved adapter in the background unless resident or already loading."""
+        key = adapter.key
         with self.lock:
             if key in self.resident:
                 return None
             fut = self.loading.get(key)
             if fut is None:
-                expected = self.checksums.get(key)
-                fut = self.pool.submit(read_adapter, folder, key, self.runner, self.max_rank, expected)
+                fut = self.pool.submit(
+                    read_adapter, adapter.folder, key, self.runner, self.max_rank, adapter.checksums
+                )
                 self.loading[key] = fut
             return fut
 
@@ -183,6 +153,11 @@ class AdapterCache:
         with self.lock:
             self.loading.pop(key, None)
             self.counters["load_failures"] += 1
+
+    def load_abandoned(self, key: str) -> None:
+        """Forget a read nobody waits for any more (a later request reads it again)."""
+        with self.lock:
+            self.loading.pop(key, None)
 
     # -- installation (engine thread only: slots change between steps) -------
     def install(self, loaded: AdapterWeights, pinned: bool = False) -> Resident:
@@ -209,9 +184,11 @@ class AdapterCache:
         while len(self.resident) >= self.max_slots or self.bytes + nbytes > self.max_bytes:
             idle = [r for r in self.resident.values() if r.refs == 0 and not r.pinned]
             if not idle:
+                if any(r.refs and not r.pinned for r in self.resident.values()):
+                    raise SlotsBusy(f"all {len(self.resident)} adapter slots serve running requests")
                 raise LoomError(
-                    f"adapter cache full: {len(self.resident)} adapters resident, all pinned or in use; "
-                    f"raise max_adapters or unpin some"
+                    f"adapter cache full: all {len(self.resident)} resident adapters are pinned; "
+                    "unpin some (or start the server with more --max-loras)"
                 )
             victim = min(idle, key=lambda r: r.last_used)
             self._evict(victim)
@@ -249,8 +226,8 @@ class AdapterCache:
                 entry.refs -= 1
 
     def route(self, name: str, key: str) -> None:
+        self.resolver.route(name, key)
         with self.lock:
-            self.routes[name] = key
             self.counters["swaps"] += 1
 
     @property

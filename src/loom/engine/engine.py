@@ -26,6 +26,7 @@ from loom.engine.adapters import AdapterCache
 from loom.engine.detok import IncrementalDecoder
 from loom.engine.prefix_cache import PrefixCache
 from loom.engine.request import Request, Sink
+from loom.engine.resolver import DEFAULT_REFRESH_S, AdapterResolver, ResolvedAdapter
 from loom.engine.runner import ATTN_TARGETS, ModelRunner
 from loom.engine.scheduler import Limits, Scheduler
 from loom.engine.types import Completion, LogitsProcessor, SamplingParams, StreamChunk
@@ -54,6 +55,9 @@ class EngineConfig:
     prefix_cache_outputs: bool = True
     # fp32 on CPU: weights held oneDNN-packed (loom.engine.linear); False keeps torch's plain GEMMs
     pack_weights: bool = True
+    # how old a bare name's or alias's route may get before the store is read again: the
+    # longest an alias move (promotion, rollback) takes to reach new requests
+    alias_refresh_s: float = DEFAULT_REFRESH_S
 
     def __post_init__(self) -> None:
         if self.max_prefill_tokens_per_step < 1:
@@ -81,6 +85,8 @@ class Engine:
         self.store = store
         self.base_ref, self.base_fingerprint = base_ref, base_fingerprint
         self._ids = itertools.count()
+        # told of every concrete adapter version before its files are fetched (leases)
+        self.version_listeners: list[Callable[[str], None]] = []
         self.oom_events = 0
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -103,13 +109,11 @@ class Engine:
             model, cfg.max_adapters, cfg.max_rank, cfg.lora_targets, pack_weights=cfg.pack_weights
         )
         self.cache = self.runner.new_cache(cfg.kv_cache_mb * 2**20, cfg.max_seq_len, cfg.max_batch_size)
+        self.resolver = AdapterResolver(
+            self.store, self.base_fingerprint, cfg.alias_refresh_s, on_resolved=self._on_resolved
+        )
         self.adapters = AdapterCache(
-            self.runner,
-            self.store,
-            self.base_fingerprint,
-            cfg.max_adapters,
-            cfg.adapter_cache_mb * 2**20,
-            cfg.max_rank,
+            self.runner, self.resolver, cfg.max_adapters, cfg.adapter_cache_mb * 2**20, cfg.max_rank
         )
         limits = Limits(
             max_batch_size=cfg.max_batch_size,
@@ -200,21 +204,21 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                 f"engine's max_seq_len {self.cache.max_len}; shorten the prompt or lower max_new_tokens"
             )
-        key, folder = self.adapters.resolve(adapter) if adapter else (None, None)
+        resolved = self.resolve_adapter(adapter) if adapter else None
         req = Request(
             id=request_id or f"req-{next(self._ids)}",
             prompt_ids=ids,
             params=params,
             adapter_ref=adapter,
-            adapter_key=key,
+            adapter_key=resolved.key if resolved else None,
             sink=Sink(loop),
             decoder=IncrementalDecoder(self.tokenizer),
             processor=logits_processor,
         )
         if params.seed is not None:
             req.generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        if folder is not None:
-            req.meta["adapter_folder"] = folder
+        if resolved is not None:
+            req.meta["adapter"] = resolved
         if enqueue:
             self.scheduler.control.put(lambda: self.scheduler.add(req))
         return req
@@ -246,7 +250,10 @@ class Engine:
     async def stream(
         self, prompt: Prompt, *, adapter: str | None = None, **kw: Any
     ) -> AsyncIterator[StreamChunk]:
-        """Async iterator of text chunks; cancelling the iteration cancels the request."""
+        """Async iterator of text chunks; cancelling the iteration cancels the request.
+        Store I/O for the adapter (alias refresh, download) runs on a worker thread."""
+        if adapter is not None:
+            adapter = (await self.aresolve_adapter(adapter)).key
         req = self.submit(prompt, adapter=adapter, loop=asyncio.get_running_loop(), **kw)
         assert req.sink.aqueue is not None
         finished = False
@@ -298,10 +305,30 @@ class Engine:
             raise box["error"]
         return box.get("value")
 
+    def resolve_adapter(self, ref: str) -> ResolvedAdapter:
+        """``ref`` -> the concrete version new requests get; may read the store (blocking)."""
+        return self.resolver.resolve(ref)
+
+    async def aresolve_adapter(self, ref: str) -> ResolvedAdapter:
+        """As :meth:`resolve_adapter`, with any store I/O on a worker thread, never on the loop."""
+        hit = self.resolver.cached(ref)
+        return hit if hit is not None else await asyncio.to_thread(self.resolver.resolve, ref)
+
+    def _on_resolved(self, key: str) -> None:
+        for listener in self.version_listeners:
+            listener(key)
+
+    def versions_in_use(self) -> set[str]:
+        """Adapter versions resident, loading, waiting for a slot or routed to (for leases)."""
+        with self.adapters.lock:
+            held = set(self.adapters.resident) | set(self.adapters.loading)
+        return {k for k in held | self.resolver.in_use() if not k.startswith("path:")}
+
     def load_adapter(self, ref: str, pin: bool = False) -> str:
         """Load (blocking) and return the concrete key ``name@version``."""
-        key, folder = self.adapters.resolve(ref)
-        fut = self.adapters.request_load(key, folder)  # shares a read already under way
+        resolved = self.resolve_adapter(ref)
+        key = resolved.key
+        fut = self.adapters.request_load(resolved)  # shares a read already under way
         if fut is not None:
             try:
                 weights = fut.result()
@@ -324,9 +351,7 @@ class Engine:
         self._on_engine_thread(apply)
 
     def unload_adapter(self, ref: str) -> bool:
-        key = (
-            self.adapters.resolve(ref)[0] if "@" in ref or "/" in ref else self.adapters.routes.get(ref, ref)
-        )
+        key = self.resolve_adapter(ref).key if "@" in ref or "/" in ref else self.resolver.routed(ref) or ref
         return bool(self._on_engine_thread(lambda: self.adapters.unload(key)))
 
     def swap_adapter(self, name: str, version: str) -> str:
@@ -342,6 +367,7 @@ class Engine:
         s = self.scheduler.stats()
         with self.adapters.lock:  # other threads may read while the engine thread installs
             resident, counters = sorted(self.adapters.resident), dict(self.adapters.counters)
+            counters.update(self.resolver.counters)
             adapter_bytes = sum(r.nbytes for r in self.adapters.resident.values())
         s.update(
             resident_adapters=resident,

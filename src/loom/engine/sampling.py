@@ -1,10 +1,50 @@
-"""Next-token choice: repetition penalty, temperature, top-k, top-p, seeded sampling."""
+"""Next-token choice for a whole batch: logits processors, repetition penalty, temperature,
+top-k, top-p, seeded sampling, each row isolated from the others.
+
+The sampler takes the step's logits ``[rows, vocab]`` and one :class:`RowSampling` per row
+(plain data) and returns one token or one error per row. A row whose processor raises, whose
+logits are NaN or whose every token is masked gets an error and no token; the other rows of
+the batch are sampled as if it were not there. Greedy rows take one batched argmax and sampled
+rows one batched softmax; the only host sync is the final ``tolist`` (no ``.item()`` per row).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from loom.engine.types import SamplingParams
+from loom.engine.types import LogitsProcessor, SamplingParams
+
+# Temperatures below this sample greedily, as vLLM does: dividing logits by 1e-300 overflows
+# to inf and the probabilities to NaN, and the limit of sampling as T -> 0 is the argmax anyway.
+SAMPLING_EPS = 1e-5
+
+
+@dataclass
+class RowSampling:
+    """What the sampler needs of one row."""
+
+    params: SamplingParams
+    seen: list[int]  # prompt + generated ids, for the repetition penalty
+    processor: LogitsProcessor | None = None
+    generated: list[int] | None = None  # what the processor is shown
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature < SAMPLING_EPS
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to apply first: the row's argmax is its token."""
+        return self.greedy and self.processor is None and self.params.repetition_penalty == 1.0
+
+
+@dataclass
+class SampleResult:
+    tokens: list[int | None]  # None where the row failed
+    errors: dict[int, str]  # row -> why it failed
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
@@ -17,25 +57,69 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: flo
     return logits.index_copy(0, idx, scores)
 
 
-def sample(
-    logits: torch.Tensor, params: SamplingParams, seen: list[int], generator: torch.Generator | None
-) -> int:
-    """Choose one token from a [vocab] logits row."""
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> SampleResult:
+    """One token per row of ``logits`` [rows, vocab] (float32 or wider)."""
+    errors: dict[int, str] = {}
+    if all(r.plain_greedy for r in rows):  # the common case: no copy, one op, one sync
+        return SampleResult(logits.argmax(dim=-1).tolist(), errors)
+    work = logits.clone()
+    for i, row in enumerate(rows):
+        if row.plain_greedy:
+            continue
+        try:
+            work[i] = _prepare_row(work[i], row)
+        except Exception as exc:  # the row's own processor or penalty: that request alone fails
+            errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+            work[i] = 0.0
+    chosen = work.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if not r.greedy and i not in errors]
+    if sampled:
+        chosen[sampled] = _sample_rows(work[sampled], [rows[i] for i in sampled])
+    # A row with NaN, or with every token masked, has no defined next token.
+    unusable = torch.isnan(work).any(dim=-1) | ~(work > float("-inf")).any(dim=-1)
+    tokens: list[int | None] = list(chosen.tolist())
+    for i, bad in enumerate(unusable.tolist()):
+        if bad and i not in errors:
+            errors[i] = "sampling failed: the logits are NaN or every token is masked"
+    for i in errors:
+        tokens[i] = None
+    return SampleResult(tokens, errors)
+
+
+def _prepare_row(logits: torch.Tensor, row: RowSampling) -> torch.Tensor:
+    if row.processor is not None:
+        logits = row.processor(row.generated or [], logits)
+    return apply_repetition_penalty(logits, row.seen, row.params.repetition_penalty)
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """Temperature, top-k, top-p and a draw for rows that sample, batched; seeded rows draw
+    from their own generator (on the CPU, so a seed gives the same text on any device)."""
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=logits.device)
+    logits = logits / temps[:, None]
+    limited = [i for i, r in enumerate(rows) if 0 < r.params.top_k < logits.shape[-1]]
+    if limited:
+        ks = torch.tensor([rows[i].params.top_k for i in limited], device=logits.device)
+        values = torch.topk(logits[limited], int(ks.max())).values
+        kth = values.gather(1, (ks - 1)[:, None])
+        logits[limited] = logits[limited].masked_fill(logits[limited] < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+    top_p = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=probs.device)
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        drop = cumulative - sorted_probs > params.top_p  # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    if generator is not None and probs.device != generator.device:
-        # Seeded generators live on the CPU, so a seed gives the same text on any device.
-        probs = probs.to(generator.device)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        drop = cumulative - sorted_probs > top_p[:, None]  # keep the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+    # NaN rows are reported by the caller; a uniform stand-in keeps multinomial from raising
+    # for the whole batch.
+    broken = torch.isnan(probs).any(dim=-1) | ~(probs.sum(dim=-1) > 0)
+    probs = torch.where(broken[:, None], torch.ones_like(probs), probs)
+    out = torch.empty(len(rows), dtype=torch.long, device=probs.device)
+    free = [i for i, r in enumerate(rows) if r.generator is None]
+    if free:
+        out[free] = torch.multinomial(probs[free], 1).flatten()
+    for i, r in enumerate(rows):
+        if r.generator is not None:
+            draw = torch.multinomial(probs[i].to(r.generator.device), 1, generator=r.generator)
+            out[i] = draw.to(out.device)[0]
+    return out

@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from loom.engine.adapters import AdapterCache, AdapterWeights
+from loom.engine.adapters import AdapterCache, AdapterWeights, SlotsBusy
 from loom.engine.kv_cache import KVCache
 from loom.engine.prefix_cache import PrefixCache, shared_prefix_len
 from loom.engine.request import Request
 from loom.engine.runner import ModelRunner
-from loom.engine.sampling import sample
+from loom.engine.sampling import RowSampling, sample_batch
 from loom.engine.types import FinishReason, StreamChunk
 
 
@@ -66,6 +66,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # row i uses cache slot i
         self.pending_loads: dict[str, Future[AdapterWeights]] = {}
+        # adapters read and checked but waiting for a slot (all in use): key -> since when
+        self.slot_waits: dict[str, float] = {}
         # A prompt being prefilled a chunk per iteration: (request, its KV slot, tokens in
         # the slot). Its slot is past every running row's (rows only leave while it fills).
         self.partial: tuple[Request, int, int] | None = None
@@ -121,13 +123,26 @@ class Scheduler:
         for key, fut in list(self.pending_loads.items()):
             if not fut.done():
                 continue
-            del self.pending_loads[key]
+            if key in self.slot_waits and not any(r.adapter_key == key for r in self.waiting):
+                # everyone who wanted it gave up (timeout, cancel): stop holding its weights
+                del self.pending_loads[key], self.slot_waits[key]
+                self.adapters.load_abandoned(key)
+                continue
             error = None
             try:
                 self.adapters.install(fut.result())
+            except SlotsBusy:
+                # Every slot serves running requests: keep the weights and try again after
+                # the next step releases one (the request's timeout bounds the wait).
+                if key not in self.slot_waits:
+                    self.slot_waits[key] = time.monotonic()
+                    self.adapters.counters["slot_waits"] += 1
+                continue
             except Exception as exc:  # a bad adapter fails its requests, never the engine
                 self.adapters.load_failed(key)
                 error = str(exc)
+            del self.pending_loads[key]
+            self.slot_waits.pop(key, None)
             for req in list(self.waiting):
                 if req.adapter_key == key:
                     if error is None:
@@ -145,11 +160,16 @@ class Scheduler:
         tokens = 0  # prefill is padding-free: its size is the prompts' tokens
         admitted: list[Request] = []
         max_rows = min(self.limits.max_batch_size, self.cache.max_seqs)
+        # While an adapter waits for a slot, later adapter requests do not take slots before it
+        # (they would keep every slot busy for ever); base-only requests go on.
+        slot_queue_head = self._oldest_slot_waiter()
         for req in list(self.waiting):
             if len(self.running) + len(admitted) >= max_rows:
                 break
             if not req.ready:
                 continue  # keeps its place; others proceed meanwhile
+            if req.adapter_key is not None and req.arrived > slot_queue_head:
+                continue
             if req.adapter_key is not None and req.adapter_key not in self.adapters.resident:
                 # evicted while waiting (cache pressure): load it again
                 req.ready = False
@@ -174,11 +194,18 @@ class Scheduler:
             self._prefill(admitted)
         return bool(admitted)
 
+    def _oldest_slot_waiter(self) -> float:
+        """Arrival of the oldest request whose adapter waits for a slot (inf: none)."""
+        if not self.slot_waits:
+            return float("inf")
+        waiters = (r.arrived for r in self.waiting if r.adapter_key in self.slot_waits)
+        return min(waiters, default=float("inf"))
+
     def add_load(self, req: Request) -> None:
         """Mark ``req`` ready if its adapter is resident, else start (or join) its load."""
         key = req.adapter_key
         assert key is not None
-        fut = self.adapters.request_load(key, req.meta["adapter_folder"])
+        fut = self.adapters.request_load(req.meta["adapter"])
         if fut is not None:
             self.pending_loads[key] = fut
         else:
@@ -191,14 +218,27 @@ class Scheduler:
         for req in reqs:
             req.slot = self.adapters.acquire(req.adapter_key) if req.adapter_key else -1
         seeds = sorted(self._shared_prefixes(reqs), key=lambda seed: seed[0].slot)
-        leaders = [req for req, _ in seeds]
         # Rows of one adapter side by side: the prefill computes LoRA per run of rows.
         reqs = sorted(reqs, key=lambda r: r.slot)
         first = len(self.running)
         self.running.extend(reqs)  # from here a failed step ends them (fail_running)
+        try:
+            logits = self._prefill_rows(reqs, first, seeds)
+        except Exception as exc:  # this pass's rows end; the rows already running go on
+            self.oom_events += isinstance(exc, torch.OutOfMemoryError)
+            for req in reqs:
+                self._fail_row(req, f"engine error: {exc}")
+            self._reap()
+            return
+        self._sample_and_accept(reqs, logits)
+
+    def _prefill_rows(
+        self, reqs: list[Request], first: int, seeds: list[tuple[Request, int]]
+    ) -> torch.Tensor:
         if seeds:
             # Each shared prefix once, into the first KV slots for the moment, then into the
             # prefix cache; every row then copies its prefix from the cache (or computes it).
+            leaders = [req for req, _ in seeds]
             prefixes = [req.prompt_ids[:n] for req, n in seeds]
             self.runner.prefill(self.cache, first, prefixes, [req.slot for req in leaders])
             for i, (req, tokens) in enumerate(zip(leaders, prefixes, strict=True)):
@@ -208,9 +248,7 @@ class Scheduler:
         logits = self.runner.prefill(self.cache, first, prompts, [r.slot for r in reqs], starts)
         for i, req in enumerate(reqs):
             self._remember(req, req.prompt_ids, first + i)
-        greedy = logits.argmax(dim=-1).tolist()
-        for i, req in enumerate(reqs):
-            self._accept(req, logits[i], greedy[i])
+        return logits
 
     def _start_partial(self, req: Request) -> None:
         req.slot = self.adapters.acquire(req.adapter_key) if req.adapter_key else -1
@@ -247,7 +285,7 @@ class Scheduler:
         self.running.append(req)
         self.partial = None  # only now: had the move failed, fail_running would find it here
         self._remember(req, req.prompt_ids, row)
-        self._accept(req, logits[0], int(logits[0].argmax()))
+        self._sample_and_accept([req], logits)
         return True
 
     def _shared_prefixes(self, reqs: list[Request]) -> list[tuple[Request, int]]:
@@ -298,23 +336,43 @@ class Scheduler:
         positions = [r.position for r in rows]
         logits = self.runner.decode(self.cache, tokens, positions, [r.slot for r in rows])
         self.steps += 1
-        greedy = logits.argmax(dim=-1).tolist()  # one op for the batch, not one per row
-        for i, req in enumerate(list(rows)):
-            self._accept(req, logits[i], greedy[i])
+        self._sample_and_accept(list(rows), logits)
         self._reap()
 
-    def _accept(self, req: Request, logits: torch.Tensor, greedy: int) -> None:
-        """Sample the next token for ``req`` (``greedy``: the row's argmax) and stream any
-        completed text."""
-        if req.cancelled:
-            return
-        p = req.params
-        if req.processor is None and p.temperature == 0 and p.repetition_penalty == 1.0:
-            token = greedy  # what sample() would return, without a per-row op
-        else:
-            if req.processor is not None:
-                logits = req.processor(req.generated, logits)
-            token = sample(logits, p, req.prompt_ids + req.generated, req.generator)
+    def _sample_and_accept(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Choose every row's next token in one batched pass, then hand each to its request.
+        A failure confined to one row (its processor raised, its logits are NaN, its text
+        cannot be processed) ends that request alone; the other rows go on."""
+        rows = [
+            RowSampling(
+                r.params,
+                r.prompt_ids + r.generated if r.params.repetition_penalty != 1.0 else [],
+                r.processor,
+                r.generated,
+                r.generator,
+            )
+            for r in reqs
+        ]
+        result = sample_batch(logits, rows)
+        for i, req in enumerate(reqs):
+            token = result.tokens[i]
+            if req.cancelled:
+                continue
+            if token is None:
+                self._fail_row(req, result.errors[i])
+                continue
+            try:
+                self._accept(req, token)
+            except Exception as exc:
+                self._fail_row(req, f"output processing failed: {type(exc).__name__}: {exc}")
+
+    def _fail_row(self, req: Request, message: str) -> None:
+        """End one running request with an error at the next reap; the batch goes on."""
+        req.error = message
+        req.meta["finish"] = ("error", req.decoder.text)
+
+    def _accept(self, req: Request, token: int) -> None:
+        """Append ``token`` to ``req`` and stream any completed text."""
         now = time.monotonic()
         if req.first_token_at is None:
             req.first_token_at = now
@@ -408,7 +466,8 @@ class Scheduler:
             + (partial[0].budget_tokens if partial else 0),
             "steps": self.steps,
             "tokens_generated": self.tokens_out,
-            "adapters_loading": len(self.pending_loads),
+            "adapters_loading": len(self.pending_loads) - len(self.slot_waits),
+            "adapters_waiting_for_slot": len(self.slot_waits),
             **self.prefix.stats(),
         }
 

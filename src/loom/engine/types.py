@@ -31,18 +31,30 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
+        """Refuse what no model run can honour; the message names the field and the range."""
+        import math
+
         from loom.errors import LoomError
 
         if self.max_new_tokens < 1:
             raise LoomError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LoomError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            # below SAMPLING_EPS a temperature samples greedily (loom.engine.sampling)
+            raise LoomError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise LoomError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise LoomError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise LoomError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_PENALTY):
+            raise LoomError(
+                f"repetition_penalty must be in (0, {MAX_PENALTY:g}], got {self.repetition_penalty} "
+                "(1.0 is off; 1.1-1.3 is the usual range)"
+            )
+
+
+# Past this a penalty only flips signs of already-seen logits by huge factors; a bound keeps
+# every row's logits finite whatever a client sends.
+MAX_PENALTY = 100.0
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]

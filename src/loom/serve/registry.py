@@ -17,12 +17,15 @@ from loom.serve.agent_map import AgentSpec
 from loom.serve.errors import APIError
 from loom.store.store import Store
 
+AGENT_REFRESH_S = 1.0  # a new agent folder in the store is served within this
+
 
 @dataclass
 class Target:
     model: str  # as asked, echoed back in responses
     adapter: str | None  # ref handed to the engine; None: the base
     system: str | None = None
+    version: str | None = None  # the concrete name@version the adapter ref resolved to
 
 
 class ModelRegistry:
@@ -39,6 +42,18 @@ class ModelRegistry:
         self.dynamic: dict[str, str] = {}  # vLLM-style lora_name -> adapter ref
         self.lock = threading.Lock()
         self.created = int(time.time())
+        # agent folder -> adapter names, read from the store at most every AGENT_REFRESH_S
+        self._agent_names: tuple[float, dict[str, list[str]]] = (float("-inf"), {})
+
+    def resolve_cached(self, model: str | None) -> Target | None:
+        """:meth:`resolve` when it needs no store read (the base, an agent, a loaded LoRA name,
+        a concrete version), else None: call :meth:`resolve` on a worker thread."""
+        simple = not model or model in (self.base_name, self.base_ref, "base") or model in self.agents
+        if simple or self.store is None or "@" in (model or ""):
+            return self.resolve(model)
+        with self.lock:
+            fresh = model in self.dynamic or time.monotonic() - self._agent_names[0] < AGENT_REFRESH_S
+        return self.resolve(model) if fresh else None
 
     def resolve(self, model: str | None) -> Target:
         if model is not None and (model != model.strip() or len(model) > 128):
@@ -76,8 +91,7 @@ class ModelRegistry:
 
     def _agent_group(self, agent: str) -> str | None:
         """A store agent folder (adapters/<agent>/...) holding exactly one adapter serves as that agent."""
-        assert self.store is not None
-        names = [a.name for a in self.store.artifacts() if a.kind == "adapter" and a.agent == agent]
+        names = self._agent_adapters().get(agent, [])
         if agent in names or not names:
             return None
         if len(names) > 1:
@@ -87,6 +101,21 @@ class ModelRegistry:
                 param="model",
             )
         return names[0]
+
+    def _agent_adapters(self) -> dict[str, list[str]]:
+        """Agent folder -> its adapters' names, re-listed at most every AGENT_REFRESH_S."""
+        assert self.store is not None
+        with self.lock:
+            read_at, names = self._agent_names
+        if time.monotonic() - read_at < AGENT_REFRESH_S:
+            return names
+        fresh: dict[str, list[str]] = {}
+        for a in self.store.artifacts():
+            if a.kind == "adapter" and a.agent:
+                fresh.setdefault(a.agent, []).append(a.name)
+        with self.lock:
+            self._agent_names = (time.monotonic(), fresh)
+        return fresh
 
     def models(self) -> list[dict[str, Any]]:
         """The base, every adapter in the store built for it, the agents and loaded LoRA names."""

@@ -23,10 +23,10 @@ from loom.serve.sse import event, streaming
 router = APIRouter()
 
 
-def _target(request: Request, agent: str | None, adapter: str | None) -> Target:
+async def _target(request: Request, agent: str | None, adapter: str | None) -> Target:
     if agent and adapter:
         raise APIError(400, "give either agent or adapter, not both", param="adapter")
-    return resolve_target(request, agent or adapter)
+    return await resolve_target(request, agent or adapter)
 
 
 def _answer(job: Job, completion: Any, **extra: Any) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def _answer(job: Job, completion: Any, **extra: Any) -> dict[str, Any]:
 @router.post("/generate", dependencies=[Depends(require_key)])
 async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    target = _target(request, body.agent, body.adapter)
+    target = await _target(request, body.agent, body.adapter)
     params = SamplingParams(
         max_new_tokens=body.max_tokens or service.cfg.default_max_tokens,
         temperature=body.temperature,
@@ -67,7 +67,7 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
 
 
 async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tuple[Job, str]:
-    target = _target(request, body.agent, body.adapter)
+    target = await _target(request, body.agent, body.adapter)
     session = body.session_id or service.conversations.new_id()
     system = "\n\n".join(s for s in (target.system, body.context and f"Context:\n{body.context}") if s)
     history = list(service.conversations.history(session) or [])  # read on the loop, used in a thread

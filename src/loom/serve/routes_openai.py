@@ -87,7 +87,7 @@ def build_jobs(
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     service = service_of(request)
     engine, _registry = service.ready()
-    target = resolve_target(request, body.model)
+    target = await resolve_target(request, body.model)
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
     ]
@@ -202,7 +202,7 @@ async def _chat_stream(
 async def completions(body: CompletionRequest, request: Request) -> Response:
     service = service_of(request)
     engine, _registry = service.ready()
-    target = resolve_target(request, body.model)
+    target = await resolve_target(request, body.model)
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompts: list[Any] = [prompt]

@@ -109,8 +109,6 @@ class Service:
     ) -> Job:
         """Tokenize and check lengths; an unset max_tokens shrinks to what the context leaves."""
         engine, _ = self.ready()
-        if target.adapter is not None:
-            engine.adapters.resolve(target.adapter)  # unknown or incompatible: 404/400 before any output
         try:
             ids = engine.tokenize(prompt)
         except TemplateError as exc:  # e.g. a chat template that insists on alternating roles
@@ -143,7 +141,10 @@ class Service:
     def _submit_stream(self, job: Job) -> AsyncIterator[StreamChunk]:
         engine, _ = self.ready()
         return engine.stream(
-            job.ids, adapter=job.target.adapter, params=job.params, logits_processor=job.processor
+            job.ids,
+            adapter=job.target.version or job.target.adapter,
+            params=job.params,
+            logits_processor=job.processor,
         )
 
     async def run(self, request: Request, jobs: list[Job]) -> list[Completion]:
@@ -225,10 +226,16 @@ def service_of(request: Request) -> Service:
     return service
 
 
-def resolve_target(request: Request, model: str | None) -> Target:
-    """The request's ``model`` -> what the engine runs; also the request's metric label."""
-    _engine, registry = service_of(request).ready()
-    target = registry.resolve(model)
+async def resolve_target(request: Request, model: str | None) -> Target:
+    """The request's ``model`` -> what the engine runs, down to the adapter version (unknown or
+    incompatible: 404/400 before any output); also the request's metric label. Store reads
+    (agent folders, alias refreshes, downloads) run on a worker thread, never on the loop."""
+    engine, registry = service_of(request).ready()
+    target = registry.resolve_cached(model)
+    if target is None:
+        target = await asyncio.to_thread(registry.resolve, model)
+    if target.adapter is not None:
+        target.version = (await engine.aresolve_adapter(target.adapter)).key
     request.state.model = target.model
     return target
 

@@ -1,0 +1,135 @@
+"""Adapter refs -> the concrete, checked version the engine loads, following the store.
+
+The store is the source of truth at runtime: a bare name (``intent``) or an alias
+(``intent@champion``) is re-read from the store when its route is older than
+``refresh_s``, so ``loom store alias set``, ``rollback`` and promotions reach live traffic
+within ``refresh_s`` (plus the request that notices it). Requests already running keep
+the concrete version they started with. A concrete version is immutable, so what is known
+about it (its folder and checksums) is never re-read.
+
+All store I/O (alias and manifest reads, object-store downloads) happens in :meth:`resolve`,
+which callers run on a worker thread, never on the event loop or the engine thread;
+:meth:`cached` answers without I/O when it can (the hot path).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from loom.errors import LoomError
+from loom.models.loading import materialize, resolve_adapter
+from loom.refs import parse_ref
+from loom.store.store import Store
+
+DEFAULT_REFRESH_S = 1.0
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    key: str  # name@version, or path:/abs/folder for a local folder
+    folder: Path
+    checksums: dict[str, str] | None  # file -> sha256 from the manifest (None: local folder)
+
+
+@dataclass
+class Route:
+    """Where a bare name or alias sends new requests."""
+
+    key: str
+    alias_version: str | None  # what the store's alias said when last read
+    checked_at: float
+    explicit: bool = False  # set by a hot-swap; holds until the store's alias moves
+
+
+class AdapterResolver:
+    def __init__(
+        self,
+        store: Store | None,
+        base_fingerprint: str | None,
+        refresh_s: float = DEFAULT_REFRESH_S,
+        on_resolved: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_resolved(key)``: called with every concrete version before its files are
+        fetched (the server leases it, so gc never retires a version being loaded)."""
+        self.store, self.fingerprint, self.refresh_s = store, base_fingerprint, refresh_s
+        self.on_resolved = on_resolved
+        self.routes: dict[str, Route] = {}  # "name" or "name@alias" -> route
+        self.versions: dict[str, ResolvedAdapter] = {}  # name@version -> checked, local
+        self.lock = threading.Lock()
+        self.counters = {"alias_refreshes": 0, "alias_moves": 0}
+
+    def cached(self, ref: str) -> ResolvedAdapter | None:
+        """The answer without store I/O, or None when :meth:`resolve` must read the store."""
+        with self.lock:
+            known = self.versions.get(ref)
+            if known is not None:
+                return known
+            route = self.routes.get(ref)
+            if route is not None and time.monotonic() - route.checked_at < self.refresh_s:
+                return self.versions.get(route.key)
+        return None
+
+    def resolve(self, ref: str) -> ResolvedAdapter:
+        """``ref`` -> its concrete version, checked (kind, base fingerprint) and local.
+        Blocking: call it from a worker thread."""
+        hit = self.cached(ref)
+        if hit is not None:
+            return hit
+        parsed = parse_ref(ref)
+        if parsed.kind == "path":
+            folder = Path(parsed.name)
+            if not (folder / "adapter_config.json").is_file():
+                raise LoomError(f"adapter {ref}: no adapter_config.json in that folder")
+            return ResolvedAdapter(f"path:{folder.resolve()}", folder, None)
+        if parsed.kind != "store":
+            raise LoomError(f"adapter {ref}: give a store ref (name or name@version) or a local folder")
+        if self.store is None:
+            raise LoomError(f"adapter {ref}: this engine has no store; pass a local adapter folder")
+        resolved = resolve_adapter(self.store, ref, self.fingerprint, "the base this engine serves")
+        key = resolved.ref
+        if key not in self.versions:
+            if self.on_resolved is not None:
+                self.on_resolved(key)
+            folder = materialize(self.store, resolved)
+            checksums = {f.path: f.sha256 for f in resolved.manifest.files}
+            with self.lock:
+                self.versions.setdefault(key, ResolvedAdapter(key, folder, checksums))
+        if key != ref:  # a bare name or an alias: remember where it points, for refresh_s
+            key = self._update_route(ref, key, resolved.version)
+        return self.versions[key]
+
+    def _update_route(self, ref: str, key: str, alias_version: str) -> str:
+        """Record what the store said; an explicit hot-swap holds until the alias moves."""
+        now = time.monotonic()
+        with self.lock:
+            old = self.routes.get(ref)
+            self.counters["alias_refreshes"] += old is not None
+            if old is not None and old.explicit and old.alias_version in (None, alias_version):
+                old.alias_version, old.checked_at = alias_version, now
+                return old.key
+            if old is not None and old.key != key:
+                self.counters["alias_moves"] += 1
+            self.routes[ref] = Route(key, alias_version, now)
+            return key
+
+    def route(self, name: str, key: str) -> None:
+        """Hot-swap: new requests for ``name`` go to ``key`` (a resolved name@version) until
+        the store's alias for ``name`` moves."""
+        with self.lock:
+            old = self.routes.get(name)
+            alias_version = old.alias_version if old is not None else None
+            self.routes[name] = Route(key, alias_version, time.monotonic(), explicit=True)
+
+    def routed(self, name: str) -> str | None:
+        with self.lock:
+            route = self.routes.get(name)
+            return route.key if route is not None else None
+
+    def in_use(self) -> set[str]:
+        """Every concrete version this resolver has handed out or routes to."""
+        with self.lock:
+            return set(self.versions) | {r.key for r in self.routes.values()}
