@@ -31,14 +31,16 @@ def make_lora_adapter(
     seed: int = 1,
     r: int = 4,
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    **lora: Any,
 ) -> Path:
-    """A PEFT LoRA adapter with non-zero B so it really changes the output."""
+    """A PEFT LoRA adapter with non-zero B so it really changes the output. ``lora``: more
+    LoraConfig fields (use_dora, rank_pattern...)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_folder)
-    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **lora))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

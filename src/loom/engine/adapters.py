@@ -9,7 +9,6 @@ keep it resident until they finish).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,13 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors
 
 from loom.engine.resolver import AdapterResolver, ResolvedAdapter
 from loom.engine.runner import ModelRunner
-from loom.errors import CompatibilityError, IntegrityError, LoomError
-from loom.store.facts import lora_module_of
-from loom.store.hashing import sha256_bytes
+from loom.errors import CompatibilityError, LoomError
+from loom.store.adapter_spec import AdapterSpec
 
 # module -> (A, B) as LoRASlots.prepare lays them out: [in, r] and [r, out] with the scale in B
 ModuleWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -50,66 +47,32 @@ class Resident:
     last_used: float = field(default_factory=time.monotonic)
 
 
-def _read_checked(folder: Path, name: str, key: str, expected: dict[str, str] | None) -> bytes:
-    """A file's bytes, checked against the manifest's sha256 in the same single read (about 1 ms
-    per MB here): the engine must never serve weights that differ from what was published."""
-    data = (folder / name).read_bytes()
-    if expected is not None and name in expected and sha256_bytes(data) != expected[name]:
-        raise IntegrityError(
-            f"{key}: {name} does not match its manifest checksum (the stored copy is damaged); "
-            f"run 'loom store verify {key}' and republish or restore it"
-        )
-    return data
-
-
 def read_adapter(
     folder: Path, key: str, runner: ModelRunner, max_rank: int, expected: dict[str, str] | None = None
 ) -> AdapterWeights:
     """Read and check a PEFT LoRA folder against the runner's modules (any thread).
-    ``expected``: file -> sha256 from the store manifest (None for a local folder)."""
+    ``expected``: file -> sha256 from the store manifest (None for a local folder), checked in the
+    same read that loads the weights (``AdapterSpec.from_folder``)."""
     started = time.monotonic()
-    cfg = json.loads(_read_checked(folder, "adapter_config.json", key, expected))
-    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise CompatibilityError(f"{key}: peft_type {cfg.get('peft_type')} is not LORA")
-    tensors = load_safetensors(_read_checked(folder, "adapter_model.safetensors", key, expected))
-    alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
-    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
-    rslora = bool(cfg.get("use_rslora", False))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        mapped = lora_module_of(name)
-        if mapped is not None:
-            pairs.setdefault(mapped[0].removesuffix(".weight"), {})[mapped[1]] = tensor
+    spec = AdapterSpec.from_folder(folder, expected, where=key)
     weights: ModuleWeights = {}
-    rank = nbytes = 0
-    for module, ab in pairs.items():
-        if module not in runner.lora_modules:
+    for module, lora in spec.modules.items():
+        layer = runner.lora_modules.get(module)
+        if layer is None:
             targets = sorted({m.rsplit(".", 1)[-1] for m in runner.lora_modules})
             raise CompatibilityError(
                 f"{key}: targets {module}, which this engine does not serve (engine LoRA targets: "
                 f"{targets}); start the engine with lora_targets including it"
             )
-        a, b = ab.get("A"), ab.get("B")
-        if a is None or b is None:
-            raise CompatibilityError(f"{key}: {module} has only one of lora_A/lora_B")
-        layer = runner.lora_modules[module]
-        r = a.shape[0]
-        if a.shape[1] != layer.in_features or b.shape != (layer.out_features, r):
+        if (lora.in_features, lora.out_features) != (layer.in_features, layer.out_features):
             raise CompatibilityError(
-                f"{key}: {module} has A {list(a.shape)} / B {list(b.shape)}, the base needs "
-                f"[r, {layer.in_features}] / [{layer.out_features}, r]"
+                f"{key}: {module} has A [{lora.rank}, {lora.in_features}] / B [{lora.out_features}, "
+                f"{lora.rank}], the base needs [r, {layer.in_features}] / [{layer.out_features}, r]"
             )
-        if r > max_rank:
-            raise CompatibilityError(f"{key}: rank {r} exceeds the engine's max_rank {max_rank}")
-        short = module.rsplit(".", 1)[-1]
-        a_mod = alpha_pattern.get(module, alpha_pattern.get(short, alpha))
-        scale = a_mod / (r**0.5 if rslora else r)
-        nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()  # as stored
-        weights[module] = layer.prepare(a, b, scale)
-        rank = max(rank, r)
-    if not weights:
-        raise CompatibilityError(f"{key}: no LoRA weights found in adapter_model.safetensors")
-    return AdapterWeights(key, weights, nbytes, rank, time.monotonic() - started)
+        if lora.rank > max_rank:
+            raise CompatibilityError(f"{key}: rank {lora.rank} exceeds the engine's max_rank {max_rank}")
+        weights[module] = layer.prepare(*lora.tensors(), lora.scale)
+    return AdapterWeights(key, weights, spec.nbytes, spec.rank, time.monotonic() - started)
 
 
 class SlotsBusy(LoomError):

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from loom.errors import CompatibilityError, LoomError
-from loom.store.facts import adapter_facts, check_adapter_shapes, read_dir_tensors
+from loom.store.adapter_spec import AdapterSpec
+from loom.store.facts import adapter_facts
 from loom.store.manifest import Manifest, Source
 from loom.store.store import PICKLE_SUFFIXES, Store
 from loom.store.verify import tensors_of
@@ -58,12 +59,14 @@ def publish_adapter(
         summary = json.loads((src / "training_summary.json").read_text())
 
     def describe(folder: Path) -> dict[str, Any]:
-        problems = check_adapter_shapes(read_dir_tensors(folder), base_tensors, str(src))
+        # the staged copy is what gets published; errors name the folder the user gave
+        spec = AdapterSpec.from_folder(folder, where=str(src), load_tensors=False)
+        problems = spec.fit_problems(base_tensors)
         if problems:
             raise CompatibilityError(
                 f"adapter {src} does not fit base {resolved.ref}: " + "; ".join(problems[:5])
             )
-        return {"adapter": adapter_facts(folder, resolved.ref, base_info), "training_summary": summary}
+        return {"adapter": adapter_facts(spec, resolved.ref, base_info), "training_summary": summary}
 
     return store.publish(
         "adapter",

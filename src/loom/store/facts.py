@@ -10,11 +10,14 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from loom.errors import CompatibilityError, LoomError
+from loom.errors import LoomError
 from loom.store.hashing import sha256_bytes
 from loom.store.manifest import AdapterInfo, ArchitectureFacts, BaseInfo
+
+if TYPE_CHECKING:  # adapter_spec builds on this module
+    from loom.store.adapter_spec import AdapterSpec
 
 MIB = 1024 * 1024
 # Runtime overhead over raw weights (allocator slack, activations at batch 1,
@@ -173,68 +176,18 @@ def base_facts(folder: Path) -> BaseInfo:
     )
 
 
-def lora_module_of(key: str) -> tuple[str, str] | None:
-    """Map a PEFT key to (base weight name, 'A' or 'B'), or None for non-LoRA keys."""
-    for part in ("lora_A", "lora_B"):
-        marker = f".{part}."
-        if marker in key:
-            module = key.split(marker)[0].removeprefix("base_model.model.")
-            return f"{module}.weight", part[-1]
-    return None
-
-
-def check_adapter_shapes(
-    adapter: dict[str, TensorInfo], base: dict[str, TensorInfo], where: str
-) -> list[str]:
-    """Problems that stop ``adapter`` from applying to ``base`` (empty when it fits)."""
-    problems: list[str] = []
-    for key, (_dtype, shape) in adapter.items():
-        mapped = lora_module_of(key)
-        if mapped is None:
-            continue
-        weight, part = mapped
-        if weight not in base:
-            problems.append(f"{where}: {key} targets {weight}, which the base does not have")
-            continue
-        out_f, in_f = base[weight][1][0], base[weight][1][-1]
-        if len(shape) != 2:
-            problems.append(f"{where}: {key} has shape {list(shape)}, expected a matrix")
-        elif part == "A" and shape[1] != in_f:
-            problems.append(f"{where}: {key} expects {shape[1]} inputs; base {weight} has {in_f}")
-        elif part == "B" and shape[0] != out_f:
-            problems.append(f"{where}: {key} gives {shape[0]} outputs; base {weight} has {out_f}")
-    return problems
-
-
-def adapter_facts(folder: Path, base_ref: str, base: BaseInfo) -> AdapterInfo:
-    """Facts of a PEFT LoRA adapter folder, checked against its base's facts."""
-    cfg_path = folder / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise LoomError(f"{folder}: no adapter_config.json; is this a PEFT adapter folder?")
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise LoomError(
-            f"{folder}: no adapter_model.safetensors; Loom stores safetensors only "
-            f"(save with PeftModel.save_pretrained(..., safe_serialization=True))"
-        )
-    cfg = json.loads(cfg_path.read_text())
-    tensors = read_dir_tensors(folder)
-    targets = cfg.get("target_modules") or []
-    if isinstance(targets, str):
-        targets = [targets]
-    params = sum(numel(s) for _d, s in tensors.values())
-    nbytes = sum(numel(s) * DTYPE_BYTES.get(d, 4) for d, s in tensors.values())
-    r = int(cfg.get("r", 0))
-    if r <= 0:
-        raise CompatibilityError(f"{cfg_path}: 'r' must be a positive integer, got {cfg.get('r')!r}")
+def adapter_facts(spec: AdapterSpec, base_ref: str, base: BaseInfo) -> AdapterInfo:
+    """Facts of a parsed adapter (``AdapterSpec``) for the manifest: ``r`` is the largest rank of
+    any module (what serving must hold), targets the module names the tensors really adapt."""
     return AdapterInfo(
         base_ref=base_ref,
         base_fingerprint=base.fingerprint,
-        peft_type=str(cfg.get("peft_type", "LORA")),
-        r=r,
-        alpha=float(cfg.get("lora_alpha", r)),
-        dropout=float(cfg.get("lora_dropout", 0.0)),
-        target_modules=sorted(targets),
-        parameter_count=params,
-        approx_vram_mb=max(1, math.ceil(nbytes * RUNTIME_OVERHEAD / MIB)),
+        peft_type="LORA",
+        r=spec.rank,
+        alpha=spec.alpha,
+        dropout=spec.dropout,
+        target_modules=spec.targets,
+        parameter_count=spec.parameter_count,
+        approx_vram_mb=max(1, math.ceil(spec.nbytes * RUNTIME_OVERHEAD / MIB)),
         chat_template_sha256=base.chat_template_sha256,
     )

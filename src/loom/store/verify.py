@@ -2,8 +2,9 @@
 
 Checks per version: the manifest validates and names its folder; every
 listed file exists with the listed size and sha256; nothing unlisted is in the
-folder; adapters name a base that exists, with the same fingerprint, and
-every LoRA matrix fits that base's module shapes. ``dry_run`` skips hashing
+folder; adapters name a base that exists, with the same fingerprint, are
+plain LoRA as Loom serves it (``AdapterSpec``), and every LoRA matrix fits
+that base's module shapes. ``dry_run`` skips hashing
 (paths, sizes, manifests and shapes only, no weights read).
 """
 
@@ -13,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loom.errors import LoomError
+from loom.store.adapter_spec import CONFIG_FILE, WEIGHTS_FILE, AdapterSpec
 from loom.store.backends import CLAIM
-from loom.store.facts import TensorInfo, check_adapter_shapes, read_safetensors_header
+from loom.store.facts import TensorInfo, read_safetensors_header
 from loom.store.hashing import Progress, sha256_stream
 from loom.store.layout import ArtifactPath
 from loom.store.manifest import MANIFEST_NAME, Manifest
@@ -108,9 +110,23 @@ def _adapter_fit(store: Store, rel: str, manifest: Manifest) -> list[str]:
             f"{ref}: base fingerprint {info.base_fingerprint} does not match {base.ref} "
             f"({base.manifest.base.fingerprint}); retrain the adapter on this base"
         ]
-    return check_adapter_shapes(
-        tensors_of(store, rel, manifest), tensors_of(store, base.rel, base.manifest), ref
-    )
+    try:
+        spec = adapter_spec_of(store, rel, ref)
+    except LoomError as exc:  # refused (DoRA, modules_to_save...): published before the check
+        return [str(exc)]
+    except OSError as exc:
+        return [f"{ref}: cannot read {CONFIG_FILE} / {WEIGHTS_FILE} ({exc}); restore or republish it"]
+    return spec.fit_problems(tensors_of(store, base.rel, base.manifest))
+
+
+def adapter_spec_of(store: Store, rel: str, where: str) -> AdapterSpec:
+    """The adapter at ``rel`` parsed from its config and safetensors header (no weights read;
+    works on any backend)."""
+    with store.backend.open_read(f"{rel}/{CONFIG_FILE}") as fh:
+        config = fh.read()
+    with store.backend.open_read(f"{rel}/{WEIGHTS_FILE}") as fh:
+        header = read_safetensors_header(fh, f"{where}: {WEIGHTS_FILE}")
+    return AdapterSpec.from_header(config, header, where)
 
 
 def verify_store(
