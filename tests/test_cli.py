@@ -59,7 +59,46 @@ def test_publish_adapter_alias_rollback_gc(store: Store, tiny_base: str, tiny_ad
     gc = json.loads(loom("store", "gc", "--keep", "1", "--json"))
     assert gc["versions"] == []  # v1 and v2 are aliased, v3 is the newest
     loom("store", "alias", "set", "intent", "champion", "v3")
-    assert json.loads(loom("store", "gc", "--keep", "1", "--json"))["versions"] == ["intent@v1"]
+    # v1 is in both aliases' rollback history, v2 is current: gc says so and keeps them
+    dry = " ".join(loom("store", "gc", "--keep", "1", "--dry-run").split())
+    assert "adapter intent@v1 kept: in alias champion's history; in alias current's history" in dry
+    assert "adapter intent@v2 kept: alias current points at it" in dry
+    assert "would remove 0 leftovers, 0 stale leases and 0 versions" in dry
+    assert json.loads(loom("store", "gc", "--keep", "1", "--json"))["versions"] == []
+    assert "rolled back to v1" in loom("store", "rollback", "intent")
+    assert "rolled back to v1" in loom("store", "rollback", "intent", "--alias", "champion")
+    # both aliases on v1 with nothing earlier: v2 is needed by no one any more
+    assert json.loads(loom("store", "gc", "--keep", "1", "--json"))["versions"] == ["intent@v2"]
+
+
+def _publish_intent(adapter_dir: Path, version: str, *alias: str) -> str:
+    return loom(
+        "store", "publish", str(adapter_dir), "--kind", "adapter", "--name", "intent", "--agent", "router",
+        "--version", version, *alias,
+    )  # fmt: skip
+
+
+def test_first_published_version_is_current(store: Store, tiny_base: str, tiny_adapter_dir: Path) -> None:
+    _publish_intent(tiny_adapter_dir, "v1")  # no --alias
+    assert json.loads(loom("store", "show", "intent", "--json"))["version"] == "v1"
+    _publish_intent(tiny_adapter_dir, "v2")  # a later version moves current only when asked
+    assert json.loads(loom("store", "show", "intent", "--json"))["version"] == "v1"
+    shown = loom("store", "show", "intent")
+    assert "v1" in shown and "v2" in shown and "intent@current → v1" in shown
+    _publish_intent(tiny_adapter_dir, "v3", "--alias", "current")
+    assert json.loads(loom("store", "show", "intent", "--json"))["version"] == "v3"
+
+
+def test_show_lists_versions_of_a_name_without_current(
+    store: Store, tiny_base: str, tiny_adapter_dir: Path
+) -> None:
+    _publish_intent(tiny_adapter_dir, "v1", "--alias", "champion")
+    _publish_intent(tiny_adapter_dir, "v2")
+    shown = " ".join(loom("store", "show", "intent").split())
+    assert "v1" in shown and "champion" in shown and "v2" in shown
+    assert "intent has no 'current' alias" in shown
+    summary = json.loads(loom("store", "show", "intent", "--json"))
+    assert summary["versions"] == ["v1", "v2"] and summary["aliases"] == {"champion": "v1"}
 
 
 def test_verify_exit_code_names_the_corrupted_file(store: Store, tiny_base: str) -> None:

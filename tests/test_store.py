@@ -123,8 +123,17 @@ def test_aliases_rollback_and_history(store: Store) -> None:
         store.set_alias("data", "v1", "v2")
 
 
-def test_bare_name_without_current_alias_explains(store: Store) -> None:
+def test_first_version_is_current_later_ones_move_it_only_when_asked(store: Store) -> None:
     _publish_blob(store, "data", b"1", version="v1")
+    assert store.resolve("data").version == "v1"
+    _publish_blob(store, "data", b"2", version="v2")
+    assert store.resolve("data").version == "v1"
+    _publish_blob(store, "data", b"3", version="v3", alias="current")
+    assert store.resolve("data").version == "v3"
+
+
+def test_bare_name_without_current_alias_explains(store: Store) -> None:
+    _publish_blob(store, "data", b"1", version="v1", alias="champion")  # asked for another alias
     with pytest.raises(NotFoundError, match="alias set data current"):
         store.resolve("data")
     with pytest.raises(NotFoundError, match="available versions: v1"):
@@ -174,6 +183,22 @@ def test_gc_keep_spares_aliased_versions(store: Store) -> None:
     collect(store, keep=2)
     assert store.versions(store.find("data")) == ["v0", "v3", "v4"]
     assert all(r.ok for r in verify_store(store))
+
+
+def test_gc_keeps_alias_history_so_rollback_still_works(store: Store) -> None:
+    for i in range(4):
+        _publish_blob(store, "data", str(i).encode(), version=f"v{i}", alias="current")
+    report = collect(store, keep=1)
+    assert report.versions == []
+    assert report.kept == [
+        "dataset data@v0 kept: in alias current's history",
+        "dataset data@v1 kept: in alias current's history",
+        "dataset data@v2 kept: in alias current's history",
+    ]
+    assert [store.rollback("data").version for _ in range(3)] == ["v2", "v1", "v0"]
+    # rolled all the way back: v1 and v2 are in no history any more, v0 is current
+    assert collect(store, keep=1).versions == ["data@v1", "data@v2"]
+    assert store.versions(store.find("data")) == ["v0", "v3"]
 
 
 def test_dataset_files_snapshot(store: Store, tmp_path: Path) -> None:

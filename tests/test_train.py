@@ -164,8 +164,6 @@ def test_train_publish_load_changes_output(
             "--publish",
             "--adapter-version",
             "v1",
-            "--alias",
-            "current",
             "--seed",
             "7",
             "--json",
@@ -184,7 +182,7 @@ def test_train_publish_load_changes_output(
     assert summary["status"] == "completed" and summary["steps"] == 4
     assert summary["final_eval_loss"] is not None and summary["tokens_per_second"] > 0
     assert summary["data"]["snapshot"].startswith("intent-lora-data@")
-    m = store.resolve("intent-lora").manifest
+    m = store.resolve("intent-lora").manifest  # no --alias: the first version is current
     assert m.adapter and m.adapter.base_ref == tiny_base and m.training_summary
     assert m.training_summary["base"]["fingerprint"] == m.adapter.base_fingerprint
     assert m.source.type == "training_run"

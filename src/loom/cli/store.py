@@ -12,6 +12,7 @@ from rich.table import Table
 from loom.cli.output import byte_progress, console, fail, human_bytes, print_json
 from loom.store import Store
 from loom.store.manifest import Manifest
+from loom.store.store import ArtifactSummary, Resolved
 
 app = typer.Typer(help="The model store: versions, aliases, verification.", no_args_is_help=True)
 alias_app = typer.Typer(help="Move and list aliases (current, champion, …).", no_args_is_help=True)
@@ -29,6 +30,11 @@ class KindChoice(str, Enum):
 
 def _store(root: str | None) -> Store:
     return Store(root)
+
+
+def _summary_json(s: ArtifactSummary) -> dict[str, Any]:
+    a = s.artifact
+    return {"kind": a.kind, "name": a.name, "agent": a.agent, "versions": s.versions, "aliases": s.aliases}
 
 
 def _published(m: Manifest, as_json: bool) -> None:
@@ -52,18 +58,7 @@ def ls(
     store = _store(root)
     rows = store.summaries(kind.value if kind else None)
     if as_json:
-        print_json(
-            [
-                {
-                    "kind": s.artifact.kind,
-                    "name": s.artifact.name,
-                    "agent": s.artifact.agent,
-                    "versions": s.versions,
-                    "aliases": s.aliases,
-                }
-                for s in rows
-            ]
-        )
+        print_json([_summary_json(s) for s in rows])
         return
     table = Table(title=f"store {store.url}")
     for col in ("kind", "name", "agent", "versions", "latest", "aliases"):
@@ -79,9 +74,47 @@ def ls(
 
 @app.command("show")
 def show(ref: str, root: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
-    """Show the manifest of REF (name, name@version or name@alias)."""
+    """Show REF: a bare NAME lists all its versions and aliases, then the version 'current'
+    points at (--json: that manifest, or the version list when there is no current);
+    NAME@VERSION or NAME@ALIAS shows that version's manifest."""
+    from loom.refs import DEFAULT_ALIAS, parse_ref
+
     store = _store(root)
-    resolved = store.resolve(ref)
+    parsed = parse_ref(ref)
+    if parsed.kind != "store" or parsed.selector is not None:
+        _show_version(store, store.resolve(parsed), as_json)
+        return
+    artifact = store.find(parsed.name)
+    summary = store.summary(artifact)
+    current = store.resolve(parsed) if DEFAULT_ALIAS in summary.aliases else None
+    if as_json:
+        print_json(current.manifest if current else _summary_json(summary))
+        return
+    _show_versions(store, summary)
+    if current is None:
+        console.print(
+            f"{artifact.name} has no '{DEFAULT_ALIAS}' alias: show a version with "
+            f"'loom store show {artifact.name}@VERSION', or set one with "
+            f"'loom store alias set {artifact.name} {DEFAULT_ALIAS} VERSION'"
+        )
+        return
+    console.print(f"\n[bold]{artifact.name}@{DEFAULT_ALIAS}[/] → {current.version}")
+    _show_version(store, current, as_json=False)
+
+
+def _show_versions(store: Store, summary: ArtifactSummary) -> None:
+    a = summary.artifact
+    table = Table("version", "created", "size", "status", "aliases", title=a.describe())
+    for version in summary.versions:
+        m = store.manifest(a, version)
+        aliases = ", ".join(sorted(k for k, v in summary.aliases.items() if v == version))
+        table.add_row(
+            version, f"{m.created_at:%Y-%m-%d %H:%M}", human_bytes(m.total_bytes), m.status, aliases
+        )
+    console.print(table)
+
+
+def _show_version(store: Store, resolved: Resolved, as_json: bool) -> None:
     m = resolved.manifest
     if as_json:
         print_json(m)
@@ -305,23 +338,36 @@ def rollback(
 @app.command("gc")
 def gc(
     keep: int | None = typer.Option(None, "--keep", help="Keep the newest N versions per artifact."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be removed."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Show what would be removed and why the rest stays."
+    ),
+    lease_ttl: float = typer.Option(
+        60.0, "--lease-ttl", help="Seconds after its last heartbeat a serving process's lease expires."
+    ),
     root: str | None = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Remove abandoned staging folders and (with --keep) old unaliased versions."""
+    """Remove abandoned staging folders, stale leases and (with --keep) old versions nothing needs.
+
+    A version stays while an alias points at it, while it is in an alias's rollback
+    history, while a running server holds a lease on it, or while a stored adapter
+    was trained on it; the report says which.
+    """
     from loom.store.gc import collect
 
     if keep is not None and keep < 1:
         fail(f"--keep must be at least 1 (got {keep})")
-    report = collect(_store(root), keep=keep, dry_run=dry_run)
+    report = collect(_store(root), keep=keep, dry_run=dry_run, lease_ttl_s=lease_ttl)
     if as_json:
         print_json(report)
         return
     verb = "would remove" if dry_run else "removed"
-    for item in report.leftovers + report.versions:
+    for item in report.leftovers + report.leases + report.versions:
         console.print(f"{verb} {item}")
+    for item in report.kept:
+        console.print(item)
     console.print(
-        f"{verb} {len(report.leftovers)} leftovers and {len(report.versions)} versions, "
-        f"{human_bytes(report.freed_bytes)}"
+        f"{verb} {len(report.leftovers)} leftovers, {len(report.leases)} stale leases and "
+        f"{len(report.versions)} versions, {human_bytes(report.freed_bytes)}; "
+        f"kept {len(report.kept)} older versions in use"
     )

@@ -125,6 +125,10 @@ class Backend(ABC):
         """Replace a small file so readers see the old or the new bytes, never a mix."""
 
     @abstractmethod
+    def remove(self, rel: str) -> None:
+        """Delete one small file (a lease); a file already gone is not an error."""
+
+    @abstractmethod
     def stage(self, final_rel: str) -> Staging: ...
 
     @abstractmethod
@@ -244,6 +248,9 @@ class LocalBackend(Backend):
             os.fsync(fh.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+
+    def remove(self, rel: str) -> None:
+        self._p(rel).unlink(missing_ok=True)
 
     def stage(self, final_rel: str) -> Staging:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,10 @@ class ObjectBackend(Backend):
     def write_atomic(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self.full(rel), data)  # a single PUT is atomic on S3
 
+    def remove(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.full(rel))
+
     def stage(self, final_rel: str) -> Staging:
         return ObjectStaging(self, final_rel)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -133,7 +134,7 @@ class Store:
             raise RefError(f"{parsed} is not a store ref; give 'name' or 'name@version'")
         artifact = self.find(parsed.name)
         tag = parsed.tag
-        if self.backend.exists(f"{artifact.version_rel(tag)}/{MANIFEST_NAME}"):
+        if self.has_version(artifact, tag):
             return Resolved(artifact, tag, self.manifest(artifact, tag))
         alias = self.get_alias(artifact, tag)
         if alias is None:
@@ -147,14 +148,12 @@ class Store:
             raise NotFoundError(f"{parsed.name}@{tag}: no such version or alias; {hint}")
         return Resolved(artifact, alias.version, self.manifest(artifact, alias.version))
 
+    def summary(self, artifact: ArtifactPath) -> ArtifactSummary:
+        aliases = {n: f.version for n, f in self.aliases(artifact).items()}
+        return ArtifactSummary(artifact, self.versions(artifact), aliases)
+
     def summaries(self, kind: Kind | None = None) -> list[ArtifactSummary]:
-        out = []
-        for a in self.artifacts():
-            if kind and a.kind != kind:
-                continue
-            aliases = {n: f.version for n, f in self.aliases(a).items()}
-            out.append(ArtifactSummary(a, self.versions(a), aliases))
-        return out
+        return [self.summary(a) for a in self.artifacts() if not kind or a.kind == kind]
 
     # ---------------------------------------------------------------- publish
     def publish(
@@ -182,7 +181,7 @@ class Store:
         artifact = self._new_artifact_path(kind, name, agent)
         if version is not None:
             validate_name(version, "version")
-            if self.backend.exists(f"{artifact.version_rel(version)}/{MANIFEST_NAME}"):
+            if self.has_version(artifact, version):
                 raise VersionExistsError(
                     f"{name}@{version} already exists and versions are immutable; publish "
                     f"under a new --version (or omit it for a fresh vYYYYMMDD-HHMM)"
@@ -211,7 +210,21 @@ class Store:
             raise
         if alias:
             self.set_alias(name, alias, manifest.version)
+        else:
+            self._first_is_current(artifact, manifest.version)
         return manifest
+
+    def _first_is_current(self, artifact: ArtifactPath, version: str) -> None:
+        """Point ``current`` at the first version of a new artifact, so its bare name works.
+
+        Later versions move ``current`` only when asked (``--alias current``). "First" is
+        the oldest visible version, checked under the alias lock: of two racing first
+        publishers exactly one sets it, and a name whose first version was published
+        under another alias keeps no ``current`` until one is set.
+        """
+        with self.alias_lock(artifact):
+            if self.get_alias(artifact, DEFAULT_ALIAS) is None and self.versions(artifact)[:1] == [version]:
+                self._move_alias(artifact, DEFAULT_ALIAS, version)
 
     def _commit(
         self, staging: Any, artifact: ArtifactPath, version: str | None, fields: dict[str, Any]
@@ -285,41 +298,54 @@ class Store:
                     out[found.alias] = found
         return out
 
+    def has_version(self, artifact: ArtifactPath, version: str) -> bool:
+        """Whether ``version`` is visible (its manifest exists)."""
+        return self.backend.exists(f"{artifact.version_rel(version)}/{MANIFEST_NAME}")
+
+    def alias_lock(self, artifact: ArtifactPath) -> AbstractContextManager[None]:
+        """The lock every alias move of ``artifact`` takes, and gc while it retires the
+        artifact's versions and LeaseKeeper while it records one: nothing can point at,
+        or start loading, a version gc is retiring."""
+        return self.backend.lock(f"{artifact.rel}/aliases")
+
     def set_alias(self, name: str, alias: str, version: str) -> AliasFile:
         validate_name(alias, "alias")
         artifact = self.find(name)
-        if not self.backend.exists(f"{artifact.version_rel(version)}/{MANIFEST_NAME}"):
-            raise NotFoundError(
-                f"{name}@{version} does not exist; versions: {', '.join(self.versions(artifact))}"
-            )
-        if self.backend.exists(f"{artifact.version_rel(alias)}/{MANIFEST_NAME}"):
+        if self.has_version(artifact, alias):
             raise LoomError(f"alias {alias!r} would shadow version {name}@{alias}; pick another")
-        rel = artifact.alias_rel(alias)
-        with self.backend.lock(rel):
-            current = self.get_alias(artifact, alias)
-            if current is None:
-                current = AliasFile(alias=alias, version=version)
-                current.history.append(event("set", version, None))
-            elif current.version != version:
-                current.history.append(event("set", version, current.version))
-                current.previous.append(current.version)
-                current.version = version
-            self.backend.write_atomic(rel, current.to_json())
+        with self.alias_lock(artifact):
+            # Checked under the lock: gc retires under it too, so the target still exists.
+            if not self.has_version(artifact, version):
+                raise NotFoundError(
+                    f"{name}@{version} does not exist; versions: {', '.join(self.versions(artifact))}"
+                )
+            return self._move_alias(artifact, alias, version)
+
+    def _move_alias(self, artifact: ArtifactPath, alias: str, version: str) -> AliasFile:
+        """Point ``alias`` at ``version``; the caller holds ``alias_lock(artifact)``."""
+        current = self.get_alias(artifact, alias)
+        if current is None:
+            current = AliasFile(alias=alias, version=version)
+            current.history.append(event("set", version, None))
+        elif current.version != version:
+            current.history.append(event("set", version, current.version))
+            current.previous.append(current.version)
+            current.version = version
+        self.backend.write_atomic(artifact.alias_rel(alias), current.to_json())
         return current
 
     def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> AliasFile:
         artifact = self.find(name)
-        rel = artifact.alias_rel(alias)
-        with self.backend.lock(rel):
+        with self.alias_lock(artifact):
             current = self.get_alias(artifact, alias)
             if current is None:
                 raise NotFoundError(f"{name} has no alias {alias!r} to roll back")
             while current.previous:
                 target = current.previous.pop()
-                if self.backend.exists(f"{artifact.version_rel(target)}/{MANIFEST_NAME}"):
+                if self.has_version(artifact, target):
                     current.history.append(event("rollback", target, current.version))
                     current.version = target
-                    self.backend.write_atomic(rel, current.to_json())
+                    self.backend.write_atomic(artifact.alias_rel(alias), current.to_json())
                     return current
             raise LoomError(
                 f"{name}@{alias} has no earlier version to roll back to; "
