@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,8 +22,8 @@ from loom.errors import IntegrityError, VersionExistsError  # noqa: E402
 from loom.store import Resolved, Store  # noqa: E402
 from loom.store.adapters import publish_adapter  # noqa: E402
 from loom.store.gc import collect  # noqa: E402
-from loom.store.importers import import_hf_dir  # noqa: E402
 from loom.store.hashing import sha256_bytes  # noqa: E402
+from loom.store.importers import import_hf_dir  # noqa: E402
 from loom.store.manifest import FileEntry, Source  # noqa: E402
 from loom.store.verify import verify_store  # noqa: E402
 
@@ -177,19 +176,28 @@ def test_sixteen_concurrent_cold_loads_download_once(
 
 _PROCESS_LOAD = """
 import sys, time
+from pathlib import Path
 from loom.models.loading import materialize
 from loom.store import Store
-store = Store(sys.argv[1])
-resolved = store.resolve(sys.argv[2])
+store, ref, meet, n = Store(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+resolved = store.resolve(ref)
 reads = []
 original = store.backend.open_read
-store.backend.open_read = lambda rel: (reads.append(rel), original(rel))[1]
-time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+def slow_open(rel):
+    reads.append(rel)
+    time.sleep(0.3)  # a slow link: the other process arrives while this one downloads
+    return original(rel)
+store.backend.open_read = slow_open
+(meet / str(time.time_ns())).touch()
+while len(list(meet.iterdir())) < n:  # both have imported and resolved: load together
+    time.sleep(0.01)
 print(materialize(store, resolved), len(reads))
 """
 
 
-def test_two_processes_cold_loading_one_version_download_once(s3_store: Store, cache_dir: Path) -> None:
+def test_two_processes_cold_loading_one_version_download_once(
+    s3_store: Store, cache_dir: Path, tmp_path: Path
+) -> None:
     files = {f"part{i}.dat": os.urandom(300_000) for i in range(6)}
 
     def fill(d: Path) -> None:
@@ -198,10 +206,11 @@ def test_two_processes_cold_loading_one_version_download_once(s3_store: Store, c
 
     s3_store.publish("dataset", "parts", fill=fill, source=Source(type="local", uri="t"), version="v1")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    start_at = f"{time.time() + 6:.3f}"  # both import first, then load at the same moment
+    meet = tmp_path / "meet"
+    meet.mkdir()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _PROCESS_LOAD, s3_store.url, "parts@v1", start_at],
+            [sys.executable, "-c", _PROCESS_LOAD, s3_store.url, "parts@v1", str(meet), "2"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -284,9 +293,8 @@ def test_a_manifest_path_leaving_the_version_folder_is_refused(
         escape = f"{tmp_path}{escape}"
     else:  # a real object there, so only the path check stands between it and the disk
         fs.pipe_file(full(f"{resolved.rel}/{escape}"), b"x")
-    crafted = resolved.manifest.model_copy(
-        update={"files": [*resolved.manifest.files, FileEntry(path=escape, size=1, sha256=sha256_bytes(b"x"))]}
-    )
+    outside = FileEntry(path=escape, size=1, sha256=sha256_bytes(b"x"))
+    crafted = resolved.manifest.model_copy(update={"files": [*resolved.manifest.files, outside]})
     fs.pipe_file(full(f"{resolved.rel}/manifest.json"), crafted.to_json())
     with pytest.raises(IntegrityError, match=r"escaped\.txt.*not a plain relative path"):
         materialize(s3_store, s3_store.resolve("blobs@v1"))
