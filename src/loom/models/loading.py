@@ -8,7 +8,6 @@ so a corrupted file is refused rather than silently served.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from loom.config import settings
 from loom.errors import CompatibilityError, IntegrityError, LoomError, NotFoundError
 from loom.models.device import pick_device, pick_dtype
 from loom.refs import Ref, parse_ref
+from loom.store import cache
 from loom.store.store import Resolved, Store
 from loom.store.verify import verify_version
 
@@ -54,21 +54,8 @@ class LoadedModel:
 
 
 def materialize(store: Store, resolved: Resolved) -> Path:
-    """A local folder with the version's files (object stores download to a cache)."""
-    local = store.backend.local_path(resolved.rel)
-    if local is not None:
-        return local
-    cache = Path(os.environ.get("LOOM_CACHE", Path.home() / ".cache" / "loom"))
-    target = cache / resolved.manifest.kind / resolved.artifact.name / resolved.version
-    if not (target / "manifest.json").exists():
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for f in [*resolved.manifest.files, None]:
-            name = f.path if f else "manifest.json"
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(store.backend.read_bytes(f"{resolved.rel}/{name}"))
-        os.replace(tmp, target)
-    return target
+    """A local folder with the version's files (object stores go through a verified cache)."""
+    return cache.materialize(store, resolved)
 
 
 def resolve_adapter(store: Store, ref: str, base_fingerprint: str | None, base_label: str) -> Resolved:
