@@ -17,6 +17,7 @@ from loom.engine.types import Completion, LogitsProcessor, StreamChunk
 from loom.serve.config import ServeConfig
 from loom.serve.conversations import Conversations
 from loom.serve.errors import APIError
+from loom.serve.lora_limits import check_served
 from loom.serve.metrics import Metrics
 from loom.serve.plan import ServePlan
 from loom.serve.registry import ModelRegistry, Target
@@ -110,7 +111,9 @@ class Service:
         """Tokenize and check lengths; an unset max_tokens shrinks to what the context leaves."""
         engine, _ = self.ready()
         if target.adapter is not None:
-            engine.adapters.resolve(target.adapter)  # unknown or incompatible: 404/400 before any output
+            # unknown or incompatible (another base, beyond --max-lora-rank/--lora-targets): 404/400
+            key, _folder = engine.adapters.resolve(target.adapter)
+            check_served(engine.store, key, engine.config.max_rank, engine.config.lora_targets)
         try:
             ids = engine.tokenize(prompt)
         except TemplateError as exc:  # e.g. a chat template that insists on alternating roles
