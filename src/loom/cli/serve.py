@@ -36,7 +36,19 @@ def serve(
         "so running streams wait for one chunk at most (default: 256 on CPU, 4096 on GPU).",
     ),
     max_adapters: int = _O(16, "--max-adapters", help="Adapters resident at once."),
-    max_rank: int = _O(16, "--max-rank", help="Largest LoRA rank served."),
+    max_lora_rank: int | None = _O(
+        None,
+        "--max-lora-rank",
+        "--max-rank",
+        help="Largest LoRA rank served (default: the largest among the stored adapters for the base, "
+        "at least 64).",
+    ),
+    lora_targets: str | None = _O(
+        None,
+        "--lora-targets",
+        help="Comma-separated projections given LoRA slots, of q_proj,k_proj,v_proj,o_proj,gate_proj,"
+        "up_proj,down_proj (default: q/k/v/o and whatever the stored adapters for the base target).",
+    ),
     memory_mb: int | None = _O(None, "--memory-mb", help="Memory budget (default: 90% of free)."),
     pack_weights: bool = _O(
         True, "--pack-weights/--no-pack-weights", help="fp32 on CPU: hold weights oneDNN-packed (faster)."
@@ -76,7 +88,8 @@ def serve(
         prefix_cache_mb=prefix_cache_mb,
         max_prefill_tokens=max_prefill_tokens,
         max_adapters=max_adapters,
-        max_rank=max_rank,
+        max_lora_rank=max_lora_rank,
+        lora_targets=lora_targets.split(",") if lora_targets is not None else None,
         memory_mb=memory_mb,
         pack_weights=pack_weights,
         max_queue=max_queue,
@@ -106,10 +119,11 @@ def serve(
             "max_batch_size",
             "max_seq_len",
             "kv_sequences",
-            "max_rank",
             "max_prefill_tokens",
         ):
             table.add_row(key, str(d[key]))
+        table.add_row("max_lora_rank", str(plan.max_rank))
+        table.add_row("lora_targets", ", ".join(plan.lora_targets))
         table.add_row("resident adapters", f"{plan.adapter_slots} slots x {plan.adapter_slot_mb} MiB")
         table.add_row(
             "memory (MiB)",

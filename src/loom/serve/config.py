@@ -23,7 +23,9 @@ class ServeConfig:
     kv_cache_mb: int | None = None
     prefix_cache_mb: int | None = None  # prompt-prefix K/V kept for reuse; 0: off; None: the plan's
     max_adapters: int = 16
-    max_rank: int = 16
+    # LoRA slots (None: what the stored adapters for the base use; see loom.serve.lora_limits)
+    lora_targets: list[str] | None = None  # q_proj ... down_proj
+    max_lora_rank: int | None = None
     memory_mb: int | None = None  # budget override; default: a fraction of what the device has free
     memory_fraction: float = 0.9
     pack_weights: bool = True  # fp32 on CPU: oneDNN-packed weights (EngineConfig.pack_weights)

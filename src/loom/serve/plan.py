@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from loom.engine.runner import ATTN_TARGETS
 from loom.errors import LoomError
 from loom.models.device import DTYPES, pick_device, pick_dtype
 from loom.serve.config import ServeConfig
+from loom.serve.lora_limits import StoredAdapter, choose_lora, stored_adapter, stored_adapters
 from loom.store.manifest import ArchitectureFacts, BaseInfo
 from loom.store.store import Store
 
@@ -54,6 +56,8 @@ class ServePlan:
     max_rank: int
     activations_mb: int
     runtime_mb: int
+    lora_targets: list[str] = field(default_factory=lambda: list(ATTN_TARGETS))
+    lora_reason: str = "given"  # why these targets and this rank (shown by --dry-run)
     max_prefill_tokens: int = EngineConfig().max_prefill_tokens_per_step
     pack_weights: bool = True
     preload: list[str] = field(default_factory=list)
@@ -74,6 +78,7 @@ class ServePlan:
             max_prefill_tokens_per_step=self.max_prefill_tokens,
             max_adapters=self.adapter_slots,
             max_rank=self.max_rank,
+            lora_targets=tuple(self.lora_targets),
             # the byte cap must not refuse what the slots were sized for
             adapter_cache_mb=max(512, int(self.adapter_slots * self.adapter_slot_mb) + 1),
             pack_weights=self.pack_weights,
@@ -98,13 +103,14 @@ def device_memory_mb(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // MIB)
 
 
-def _lora_dims(arch: ArchitectureFacts) -> int:
-    """Sum over the engine's LoRA targets of (in + out) features, per layer."""
+def _lora_dims(arch: ArchitectureFacts, targets: Sequence[str]) -> int:
+    """Sum over the served LoRA targets of (in + out) features, per layer."""
     head_dim = arch.hidden_size // arch.num_attention_heads
     kv = arch.num_key_value_heads * head_dim
-    sizes = {"q_proj": 2 * arch.hidden_size, "k_proj": arch.hidden_size + kv}
-    sizes |= {"v_proj": arch.hidden_size + kv, "o_proj": 2 * arch.hidden_size}
-    return sum(sizes[t] for t in ATTN_TARGETS)
+    hidden, mlp = arch.hidden_size, arch.hidden_size + arch.intermediate_size
+    sizes = {"q_proj": 2 * hidden, "k_proj": hidden + kv, "v_proj": hidden + kv, "o_proj": 2 * hidden}
+    sizes |= {"gate_proj": mlp, "up_proj": mlp, "down_proj": mlp}
+    return sum(sizes[t] for t in targets)
 
 
 def choose_variant(info: BaseInfo, cfg: ServeConfig, device: torch.device) -> tuple[str, torch.dtype]:
@@ -123,8 +129,13 @@ def choose_variant(info: BaseInfo, cfg: ServeConfig, device: torch.device) -> tu
 
 
 def make_plan(
-    cfg: ServeConfig, arch: ArchitectureFacts, info: BaseInfo | None, base_ref: str, preload_ranks: list[int]
+    cfg: ServeConfig,
+    arch: ArchitectureFacts,
+    info: BaseInfo | None,
+    base_ref: str,
+    adapters: Sequence[StoredAdapter] = (),
 ) -> ServePlan:
+    """The plan for ``arch``; ``adapters``: the stored adapters for this base (LoRA defaults)."""
     device = pick_device(cfg.device)
     if info is not None:
         variant, dtype = choose_variant(info, cfg, device)
@@ -144,9 +155,11 @@ def make_plan(
         packed_head_mb = math.ceil(arch.vocab_size * arch.hidden_size * 4 / MIB)
         weights_mb += packed_head_mb
     budget = cfg.memory_mb or int(device_memory_mb(device) * cfg.memory_fraction)
-    max_rank = max([cfg.max_rank, *preload_ranks])
+    lora = choose_lora(cfg, adapters)
+    max_rank = lora.rank
     # +1: the engine keeps an all-zero slot that base-only rows point at
-    slot_mb = arch.num_hidden_layers * _lora_dims(arch) * max_rank * nbytes / MIB * (1 + 1 / cfg.max_adapters)
+    dims = _lora_dims(arch, lora.targets)
+    slot_mb = arch.num_hidden_layers * dims * max_rank * nbytes / MIB * (1 + 1 / cfg.max_adapters)
     head_dim = arch.hidden_size // arch.num_attention_heads
     per_seq_mb = (
         2 * arch.num_hidden_layers * arch.num_key_value_heads * head_dim * nbytes * cfg.max_seq_len / MIB
@@ -176,7 +189,7 @@ def make_plan(
         + activations_mb
         + runtime_mb
     )
-    notes: list[str] = []
+    notes: list[str] = lora.notes()
     if packed_head_mb:
         notes.append(f"weights include {packed_head_mb} MiB for a oneDNN-packed lm_head copy (CPU fp32)")
     if cfg.kv_cache_mb is not None:
@@ -210,6 +223,8 @@ def make_plan(
         max_rank=max_rank,
         activations_mb=activations_mb,
         runtime_mb=runtime_mb,
+        lora_targets=list(lora.targets),
+        lora_reason=lora.reason,
         max_prefill_tokens=chunk,
         pack_weights=cfg.pack_weights,
         preload=list(cfg.preload),
@@ -223,7 +238,8 @@ def make_plan(
             f"{prefix_mb}, activations {activations_mb}, "
             f"runtime {runtime_mb}) "
             f"but the budget is {budget} MiB: over by {over} MiB. Lower --max-batch-size, --max-seq-len, "
-            f"--max-adapters, --kv-cache-mb or --prefix-cache-mb, allow a quantized variant "
+            f"--max-adapters, --max-lora-rank (now {max_rank}), --lora-targets (now "
+            f"{','.join(lora.targets)}), --kv-cache-mb or --prefix-cache-mb, allow a quantized variant "
             f"(--quantize, CUDA), or raise --memory-mb"
         )
     if variant in QUANTIZED_ORDER:
@@ -245,11 +261,11 @@ def plan_from_store(cfg: ServeConfig, store: Store, preload: list[str]) -> Serve
     info = resolved.manifest.base
     if info is None:
         raise LoomError(f"{base_name} is a {resolved.manifest.kind}, not a base model; pass a base to --base")
-    ranks = []
-    for ref in preload:
-        adapter = resolve_adapter(store, ref, info.fingerprint, resolved.ref).manifest.adapter
-        if adapter is not None:
-            ranks.append(adapter.r)
-    plan = make_plan(cfg, info.arch, info, resolved.ref, ranks)
+    adapters = stored_adapters(store, info.fingerprint)
+    for ref in preload:  # each must resolve, to an adapter for this base
+        found = resolve_adapter(store, ref, info.fingerprint, resolved.ref)
+        assert found.manifest.adapter is not None  # resolve_adapter refuses anything else
+        adapters.append(stored_adapter(found.ref, found.manifest.adapter, preload=True))
+    plan = make_plan(cfg, info.arch, info, resolved.ref, adapters)
     plan.preload = list(preload)
     return plan

@@ -17,6 +17,7 @@ from loom.engine.types import Completion, LogitsProcessor, StreamChunk
 from loom.serve.config import ServeConfig
 from loom.serve.conversations import Conversations
 from loom.serve.errors import APIError
+from loom.serve.lora_limits import check_served
 from loom.serve.metrics import Metrics
 from loom.serve.plan import ServePlan
 from loom.serve.registry import ModelRegistry, Target
@@ -57,6 +58,7 @@ class Service:
         self.status = "loading"  # loading -> ok | failed; draining on shutdown
         self.error: str | None = None
         self.in_flight = 0
+        self.within_limits: set[str] = set()  # adapter versions checked against the LoRA limits
         self.metrics = Metrics(self._engine_stats)
         self.conversations = Conversations(cfg.max_sessions, cfg.max_session_messages)
 
@@ -235,7 +237,13 @@ async def resolve_target(request: Request, model: str | None) -> Target:
     if target is None:
         target = await asyncio.to_thread(registry.resolve, model)
     if target.adapter is not None:
-        target.version = (await engine.aresolve_adapter(target.adapter)).key
+        key = (await engine.aresolve_adapter(target.adapter)).key
+        service = service_of(request)
+        if key not in service.within_limits:  # beyond --max-lora-rank/--lora-targets: 400
+            cfg = engine.config
+            await asyncio.to_thread(check_served, engine.store, key, cfg.max_rank, cfg.lora_targets)
+            service.within_limits.add(key)
+        target.version = key
     request.state.model = target.model
     return target
 
