@@ -17,6 +17,7 @@ from loom.engine.types import Completion, LogitsProcessor
 from loom.errors import LoomError
 from loom.serve.auth import require_admin, require_key
 from loom.serve.errors import APIError
+from loom.serve.prompts import text_prompt_ids
 from loom.serve.registry import Target
 from loom.serve.schemas import (
     ChatCompletionRequest,
@@ -72,8 +73,9 @@ def build_jobs(
             param="n",
         )
     jobs: list[Job] = []
+    engine, _ = service.ready()
     for index, prompt in enumerate(prompts):
-        ids: Any = prompt
+        ids: Any = text_prompt_ids(engine.tokenizer, prompt) if isinstance(prompt, str) else prompt
         for i in range(body.n):
             params = sampling(body, service.cfg.default_max_tokens, i)
             job = service.job(ids, target, params, given, processor() if processor else None)
@@ -212,7 +214,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise APIError(400, "prompt is empty; give text or token ids", param="prompt")
     jobs = await asyncio.to_thread(build_jobs, service, prompts, target, body)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    echo = [engine.tokenizer.decode(j.ids) if body.echo else "" for j in jobs]
+    # A text prompt is echoed as sent (its ids may carry a BOS the client never wrote).
+    echo = [
+        ""
+        if not body.echo
+        else p
+        if isinstance(p := prompts[j.prompt_index], str)
+        else engine.tokenizer.decode(j.ids)
+        for j in jobs
+    ]
 
     def result(done: list[Completion]) -> list[dict[str, Any]]:
         return [

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # OpenAI allows 4 stop sequences; long or many stops would be matched on every token of the
 # shared engine thread, so both are bounded.
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 StopList = Annotated[list[StopString], Field(max_length=4)]
 Seed = Annotated[int, Field(ge=0, le=2**62)]
+# As vLLM does, a temperature under 1e-5 is greedy decoding: dividing logits by 1e-300 makes
+# them inf, and inf - inf the NaN that fails sampling.
+SAMPLING_EPS = 1e-5
+Temperature = Annotated[float, Field(ge=0, le=2), AfterValidator(lambda t: 0.0 if t < SAMPLING_EPS else t)]
+# Logits are divided or multiplied by it: 1e-300 or 1e300 overflow them the same way.
+RepetitionPenalty = Annotated[float, Field(ge=0.01, le=100)]
 
 
 class _Body(BaseModel):
@@ -56,7 +62,7 @@ class SamplingFields(_Body):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: Temperature | None = None
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     n: int = Field(default=1, ge=1, le=16)
@@ -66,7 +72,7 @@ class SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=0, le=0)  # accepted only as 0: not implemented
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = False
     user: str | None = None
 
@@ -93,7 +99,7 @@ class GenerateRequest(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     adapter: str | None = None
     agent: str | None = None
-    temperature: float = Field(default=0.0, ge=0, le=2)
+    temperature: Temperature = 0.0
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: StopList = Field(default_factory=list)
     seed: Seed | None = None
@@ -106,7 +112,7 @@ class ChatRequest(_Body):
     agent: str | None = None
     adapter: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0, le=2)
+    temperature: Temperature = 0.0
 
 
 class PoolCreate(_Body):
