@@ -166,3 +166,31 @@ def test_text_prompts_get_the_bos_once_and_chat_prompts_none_added(bos_engine: E
         chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 1}).json()
         templated = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert chat["usage"]["prompt_tokens"] == len(tok(templated, add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------- what schemathesis found
+def test_requests_schemathesis_broke_are_answered(engine: Engine) -> None:
+    msg = [{"role": "user", "content": "hi"}]
+    with serve_in_thread(create_app(ServeConfig(api_key=None, admin_key=None), engine=engine)) as url:
+        tiny = httpx.post(
+            f"{url}/v1/chat/completions", json={"messages": msg, "max_tokens": 3, "temperature": 1e-300}
+        )
+        greedy = httpx.post(
+            f"{url}/v1/chat/completions", json={"messages": msg, "max_tokens": 3, "temperature": 0}
+        )
+        assert tiny.status_code == 200, tiny.text  # as vLLM: under 1e-5 is greedy, not NaN
+        assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+        for penalty in (5e-324, 1e9):
+            r = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"messages": msg, "max_tokens": 3, "repetition_penalty": penalty},
+            )
+            assert r.status_code == 400 and r.json()["error"]["param"] == "repetition_penalty", r.text
+        for route, body in (
+            ("/v1/chat/completions", {"model": "~no-such-user", "messages": msg}),
+            ("/generate", {"prompt": "x", "adapter": "~no-such-user/x"}),
+            ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "~no-such-user"}),
+            ("/workers/pools", {"agent": "~no-such-user"}),
+        ):
+            r = httpx.post(f"{url}{route}", json=body)
+            assert r.status_code == 400 and "is a path" in r.json()["error"]["message"], (route, r.text)
