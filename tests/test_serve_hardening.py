@@ -4,8 +4,11 @@ unexpected errors (500s that leak nothing), and the BOS token of plain-text prom
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -194,3 +197,51 @@ def test_requests_schemathesis_broke_are_answered(engine: Engine) -> None:
         ):
             r = httpx.post(f"{url}{route}", json=body)
             assert r.status_code == 400 and "is a path" in r.json()["error"]["message"], (route, r.text)
+
+
+# ----------------------------------------------------------------- pools
+def test_a_pools_warm_size_reserves_batch_rows_for_its_requests(engine: Engine) -> None:
+    """Batch 4, a pool for qv4 reserving 2 rows: a flood of base requests runs 2 at a time, and
+    a qv4 request sent in the middle of the flood starts at once instead of queueing behind it."""
+    long = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 60}
+    peak: list[int] = []
+
+    async def flood(url: str) -> tuple[list[httpx.Response], httpx.Response, float, float]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            others = [
+                asyncio.ensure_future(http.post("/v1/chat/completions", json={**long, "ignore_eos": True}))
+                for _ in range(6)
+            ]
+            while engine.stats()["batch_size"] < 2:
+                await asyncio.sleep(0.005)
+            started = time.monotonic()
+            mine = await http.post(
+                "/v1/completions", json={"model": "qv4", "prompt": "the quick", "max_tokens": 4}
+            )
+            took = time.monotonic() - started
+            done = await asyncio.gather(*others)
+            return list(done), mine, took, time.monotonic() - started
+
+    def watch(stop: threading.Event) -> None:
+        while not stop.is_set():
+            peak.append(engine.stats()["batch_size"])
+            time.sleep(0.002)
+
+    with serve_in_thread(create_app(ServeConfig(max_queue=16), engine=engine)) as url:
+        pool = httpx.post(f"{url}/workers/pools", json={"adapter": "qv4", "warm_size": 2}).json()
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch, args=(stop,))
+        watcher.start()
+        try:
+            others, mine, took, flood_left = asyncio.run(flood(url))
+        finally:
+            stop.set()
+            watcher.join()
+        assert mine.status_code == 200 and all(r.status_code == 200 for r in others)
+        assert max(peak) <= 3, max(peak)  # 2 base rows + the pool's request, never the whole batch
+        assert took < flood_left / 2, (took, flood_left)  # it did not wait for the flood
+        wide = httpx.post(f"{url}/v1/chat/completions", json={**long, "n": 3, "max_tokens": 1})
+        assert wide.status_code == 400 and "warm_size" in wide.json()["error"]["message"]
+        httpx.delete(f"{url}/workers/pool/{pool['id']}")
+        free = httpx.post(f"{url}/v1/chat/completions", json={**long, "n": 3, "max_tokens": 1})
+        assert free.status_code == 200  # no reservation left: the whole batch is open again

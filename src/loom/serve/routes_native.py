@@ -15,6 +15,7 @@ from loom import __version__
 from loom.engine import SamplingParams
 from loom.serve.auth import key_id, require_key
 from loom.serve.errors import APIError
+from loom.serve.pools import take_rows
 from loom.serve.prompts import text_prompt_ids
 from loom.serve.registry import Target
 from loom.serve.schemas import ChatRequest, GenerateRequest
@@ -65,11 +66,11 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
         return service.job(ids, target, params, body.max_tokens is not None)
 
     job = await asyncio.to_thread(build)
-    admission = service.admit()
+    grant = await take_rows(request, job.target, 1, service.admit())
     try:
         (done,) = await service.run(request, [job])
     finally:
-        admission.release()
+        grant.release()
     return _answer(job, done, text=done.text)
 
 
@@ -116,11 +117,11 @@ async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tu
 async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
     service = service_of(request)
     job, session = await _chat_job(service, body, request)
-    admission = service.admit()
+    grant = await take_rows(request, job.target, 1, service.admit())
     try:
         (done,) = await service.run(request, [job])
     finally:
-        admission.release()
+        grant.release()
     service.conversations.append(
         session,
         key_id(request),
@@ -135,7 +136,7 @@ async def chat_stream(body: ChatRequest, request: Request) -> Response:
     service = service_of(request)
     job, session = await _chat_job(service, body, request)
     owner = key_id(request)
-    admission = service.admit()
+    grant = await take_rows(request, job.target, 1, service.admit())
 
     async def events() -> AsyncIterator[bytes]:
         async for piece in service.stream(job):
@@ -149,10 +150,10 @@ async def chat_stream(body: ChatRequest, request: Request) -> Response:
                     {"role": "user", "content": body.message},
                     {"role": "assistant", "content": text},
                 )
-                admission.release()  # the engine work is done: a slow reader must not hold a queue place
+                grant.release()  # the engine work is done: a slow reader must not hold a queue place
                 yield event(_answer(job, piece.completion, session_id=session, response=text, done=True))
 
-    return streaming(admission, events(), done=False)
+    return streaming(grant, events(), done=False)
 
 
 @router.get("/conversation", dependencies=[Depends(require_key)])
