@@ -14,7 +14,7 @@ _O = typer.Option
 
 def serve(
     base: str | None = _O(None, "--base", help="Base model ref (default: the store's default base)."),
-    host: str = _O("127.0.0.1", "--host"),
+    host: str = _O("127.0.0.1", "--host", help="Address to bind; beyond loopback, set LOOM_API_KEY."),
     port: int = _O(8000, "--port"),
     preload: list[str] | None = _O(None, "--preload", help="Adapter ref to load and pin at start (repeat)."),
     agents: Path | None = _O(None, "--agents", help="Agent map YAML (agent -> adapter, system, warm)."),
@@ -62,6 +62,12 @@ def serve(
     stub: bool = _O(False, "--stub", help="Test mode: a tiny random model instead of the base."),
     as_json: bool = _O(False, "--json", help="With --dry-run: print the plan as JSON."),
     log_level: str = _O("info", "--log-level"),
+    require_keys: bool = _O(
+        False,
+        "--require-keys",
+        envvar="LOOM_REQUIRE_KEYS",
+        help="Refuse to start unless LOOM_API_KEY is set.",
+    ),
 ) -> None:
     """Serve the base and its adapters over HTTP (OpenAI-compatible API, native routes, metrics).
 
@@ -98,6 +104,7 @@ def serve(
         request_timeout_s=request_timeout,
         default_max_tokens=default_max_tokens,
         stub=stub,
+        require_keys=require_keys,
     )
     if dry_run:
         agent_map = load_agent_map(agents) if agents else {}
@@ -138,5 +145,6 @@ def serve(
             table.add_row("note", note)
         console.print(table)
         return
+    app = create_app(cfg)  # refuses --require-keys without keys before printing an address
     console.print(f"loom serve: http://{host}:{port} (OpenAI API under /v1, docs at /docs)")
-    run(create_app(cfg), host, port, log_level)
+    run(app, host, port, log_level)

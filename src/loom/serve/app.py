@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from loom import __version__
 from loom.engine import Engine, SamplingParams
 from loom.serve.agent_map import AgentSpec, load_agent_map
+from loom.serve.auth import exposure_warnings
 from loom.serve.config import ServeConfig
 from loom.serve.errors import install_handlers
 from loom.serve.plan import QUANTIZED_ORDER, ServePlan, make_plan, plan_from_store
@@ -30,7 +31,10 @@ log = logging.getLogger("loom.serve")
 
 def create_app(cfg: ServeConfig, store: Store | None = None, engine: Engine | None = None) -> FastAPI:
     """The server. With ``engine`` given it serves that engine; otherwise it loads one in the
-    background at start-up (``/health`` answers 503 until the base is loaded and warm)."""
+    background at start-up (``/health`` answers 503 until the base is loaded and warm).
+    Raises LoomError when ``cfg.require_keys`` is set and no key is."""
+    for warning in exposure_warnings(cfg):
+        log.warning("\n%s\n!!! SECURITY: %s\n%s", "!" * 78, warning, "!" * 78)
     service = Service(cfg)
     agents = load_agent_map(cfg.agents_file) if cfg.agents_file else {}
 

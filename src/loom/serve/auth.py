@@ -1,12 +1,57 @@
-"""Bearer keys: LOOM_API_KEY for the API, LOOM_ADMIN_KEY for admin routes (pools, adapters)."""
+"""Bearer keys: LOOM_API_KEY for the API, LOOM_ADMIN_KEY for admin routes (pools, adapters),
+and the start-up check that says (or, with ``--require-keys``, refuses) when a server is open."""
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import secrets
 
 from fastapi import Request
 
+from loom.errors import LoomError
+from loom.serve.config import ServeConfig
 from loom.serve.errors import APIError
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname or "": it may resolve to (or bind) any interface
+
+
+def exposure_warnings(cfg: ServeConfig) -> list[str]:
+    """What an operator must hear at start: routes anyone who reaches the port may call.
+    With ``cfg.require_keys`` an open server is refused instead (LoomError)."""
+    if cfg.require_keys and cfg.api_key is None:
+        raise LoomError(
+            "--require-keys is set but LOOM_API_KEY is empty: set LOOM_API_KEY (clients) and "
+            "LOOM_ADMIN_KEY (pools, adapter loading) in the environment, or drop --require-keys"
+        )
+    warnings: list[str] = []
+    if cfg.api_key is None and not is_loopback(cfg.host):
+        warnings.append(
+            f"--host {cfg.host} listens beyond this machine and LOOM_API_KEY is not set: anyone who "
+            "reaches the port can generate; set LOOM_API_KEY (or start with --require-keys)"
+        )
+    if cfg.api_key is None and cfg.admin_key is None:
+        warnings.append(
+            "no LOOM_API_KEY or LOOM_ADMIN_KEY: the admin routes (/workers/pools, /v1/load_lora_adapter) "
+            "are open to every caller; set LOOM_ADMIN_KEY (and LOOM_API_KEY) to close them"
+        )
+    return warnings
+
+
+def key_id(request: Request) -> str:
+    """Who is calling, for binding state (conversations) to a caller: a digest of the bearer
+    token (never the token itself), or "" on a server without keys."""
+    token = _bearer(request)
+    if request.app.state.service.cfg.api_key is None or token is None:
+        return ""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def _bearer(request: Request) -> str | None:

@@ -34,6 +34,7 @@ class ServeConfig:
     # limits
     api_key: str | None = field(default_factory=lambda: os.environ.get("LOOM_API_KEY") or None)
     admin_key: str | None = field(default_factory=lambda: os.environ.get("LOOM_ADMIN_KEY") or None)
+    require_keys: bool = False  # refuse to start without LOOM_API_KEY instead of warning
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int | None = None  # None: max_seq_len - 1
     max_queue: int = 64  # requests waiting beyond the running batch before answering 429

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from loom.errors import CompatibilityError, LoomError, NotFoundError, RefError
+from loom.errors import CompatibilityError, IntegrityError, LoomError, NotFoundError, RefError
 
 log = logging.getLogger("loom.serve")
 
@@ -33,8 +34,30 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+def server_error(message: str, code: str, exc: BaseException) -> APIError:
+    """A 500 that tells the client a request id to quote and nothing of the server's internals
+    (exception text, paths): the full detail goes to the server log under the same id."""
+    request_id = f"req_{uuid.uuid4().hex[:16]}"
+    log.error("request %s failed (%s)", request_id, code, exc_info=exc)
+    return APIError(
+        500,
+        f"{message} (request id {request_id})",
+        "server_error",
+        code,
+        headers={"X-Request-Id": request_id},
+    )
+
+
 def from_loom(exc: LoomError, param: str | None = None) -> APIError:
-    """A library error as an API error: unknown refs are 404, everything else the caller's 400."""
+    """A library error as an API error: unknown refs are 404, a damaged store the server's 500,
+    everything else the caller's 400."""
+    if isinstance(exc, IntegrityError):  # not the caller's fault, and retrying will not help
+        return server_error(
+            "the server's model store is damaged: an operator should run 'loom store verify' on it "
+            "and republish or restore what it reports",
+            "store_damaged",
+            exc,
+        )
     if isinstance(exc, NotFoundError | RefError):
         return APIError(404, str(exc), "invalid_request_error", "model_not_found", param or "model")
     if isinstance(exc, CompatibilityError):
@@ -77,5 +100,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return APIError(500, f"internal error: {exc}", "server_error", "internal_error").response()
+        return server_error(
+            "internal server error; the server log has the details under this request id",
+            "internal_error",
+            exc,
+        ).response()

@@ -1,5 +1,6 @@
 """Worker pools over the one resident base: a pool pins an agent's (or an adapter's) weights
-in an engine slot and reserves ``warm_size`` rows of the running batch for it. Hot-swapping a
+in an engine slot and reserves ``warm_size`` rows of the running batch for its requests
+(``BatchRows``, at admission: other requests wait rather than take them). Hot-swapping a
 pool moves its adapter name to another version while requests keep flowing: running requests
 finish on the old version (their slot stays referenced), new ones start on the new one.
 
@@ -7,16 +8,21 @@ The methods block on adapter reads: routes run them in a worker thread."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from starlette.requests import Request
+
 from loom.errors import LoomError
 from loom.refs import parse_ref
 from loom.serve.errors import APIError
-from loom.serve.service import Service
+from loom.serve.registry import Target
+from loom.serve.service import Admission, Service
 
 
 @dataclass
@@ -35,6 +41,18 @@ class PoolManager:
         self.pools: dict[str, Pool] = {}
         self._ids = itertools.count(1)
         self.lock = threading.Lock()  # called from worker threads: routes use asyncio.to_thread
+        self.rows = BatchRows(self)
+
+    def batch_size(self) -> int:
+        engine = self.service.engine
+        return engine.config.max_batch_size if engine else self.service.cfg.max_batch_size
+
+    def pool_for(self, adapter: str | None) -> str | None:
+        """The pool serving requests for ``adapter`` (any version of its name), if any."""
+        if adapter is None:
+            return None
+        name = adapter.split("@", 1)[0]
+        return next((p.id for p in self.pools.values() if p.adapter.split("@", 1)[0] == name), None)
 
     def describe(self) -> list[dict[str, Any]]:
         engine = self.service.engine
@@ -118,3 +136,91 @@ class PoolManager:
             if not any(p.adapter == pool.adapter for p in self.pools.values()):
                 engine.pin_adapter(pool.adapter, False)
             return pool
+
+
+class Grant:
+    """A request's rows of the running batch (and its queue admission): released exactly once."""
+
+    def __init__(self, rows: BatchRows, pool_id: str | None, n: int, admission: Admission) -> None:
+        self.rows, self.pool_id, self.n, self.admission = rows, pool_id, n, admission
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.rows.give_back(self.pool_id, self.n)
+            self.admission.release()
+
+
+class BatchRows:
+    """Reserves ``warm_size`` rows of the engine's running batch for each pool, at admission:
+    a request for a pool's adapter may use the pool's rows and any unreserved one; any other
+    request only unreserved rows, and waits here (up to the request timeout) while none is
+    free, so the engine never holds more of them than the pools leave. With no rows reserved
+    nothing waits: requests go to the engine's own queue as before. Runs on the event loop."""
+
+    def __init__(self, manager: PoolManager) -> None:
+        self.manager = manager
+        self.used: dict[str | None, int] = {}  # rows held, by pool id (None: no pool)
+        self.changed = asyncio.Event()
+
+    def _owed(self, mine: str | None) -> int:
+        """Rows other pools are owed: reserved and not in use by their own requests."""
+        pools = list(self.manager.pools.values())
+        return sum(max(0, p.warm_size - self.used.get(p.id, 0)) for p in pools if p.id != mine)
+
+    def _open(self, pool_id: str | None) -> tuple[int, int]:
+        """(rows free to this class now, the most it could ever hold)."""
+        batch = self.manager.batch_size()
+        others = sum(p.warm_size for p in self.manager.pools.values() if p.id != pool_id)
+        return batch - sum(self.used.values()) - self._owed(pool_id), batch - others
+
+    async def take(self, adapter: str | None, n: int, admission: Admission, timeout_s: float) -> Grant:
+        """Rows for ``n`` generations of ``adapter``; on any failure the admission is released."""
+        try:
+            pool_id = self.manager.pool_for(adapter)
+            await self._wait_for_rows(pool_id, n, timeout_s)
+        except BaseException:
+            admission.release()
+            raise
+        self.used[pool_id] = self.used.get(pool_id, 0) + n
+        return Grant(self, pool_id, n, admission)
+
+    async def _wait_for_rows(self, pool_id: str | None, n: int, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while any(p.warm_size for p in self.manager.pools.values()):
+            free, most = self._open(pool_id)
+            if n <= free:
+                return
+            if n > most:
+                raise APIError(
+                    400,
+                    f"this request needs {n} batch rows but pools reserve all but {most} of "
+                    f"{self.manager.batch_size()} for their adapters; send fewer prompts or a lower n "
+                    "(or delete a pool, or lower its warm_size)",
+                    param="n",
+                )
+            if loop.time() >= deadline:
+                raise APIError(
+                    504,
+                    f"no batch row was free within {timeout_s:.0f} s (pools reserve rows for their "
+                    "adapters); retry later",
+                    "timeout_error",
+                    "timeout",
+                )
+            self.changed.clear()
+            # woken by a release; pools made or deleted on worker threads are seen within 0.1 s
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout=min(0.1, deadline - loop.time()))
+
+    def give_back(self, pool_id: str | None, n: int) -> None:
+        self.used[pool_id] = self.used.get(pool_id, 0) - n
+        self.changed.set()
+
+
+async def take_rows(request: Request, target: Target, n: int, admission: Admission) -> Grant:
+    """Batch rows for a request's ``n`` generations of ``target``, holding its ``admission``."""
+    manager: PoolManager = request.app.state.pools
+    timeout = manager.service.cfg.request_timeout_s
+    return await manager.rows.take(target.adapter, n, admission, timeout)

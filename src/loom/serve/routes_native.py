@@ -13,8 +13,10 @@ from fastapi.responses import JSONResponse, Response
 
 from loom import __version__
 from loom.engine import SamplingParams
-from loom.serve.auth import require_key
+from loom.serve.auth import key_id, require_key
 from loom.serve.errors import APIError
+from loom.serve.pools import take_rows
+from loom.serve.prompts import text_prompt_ids
 from loom.serve.registry import Target
 from loom.serve.schemas import ChatRequest, GenerateRequest
 from loom.serve.service import Job, Service, resolve_target, service_of
@@ -57,20 +59,42 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
         seed=body.seed,
         stop=body.stop,
     )
-    job = await asyncio.to_thread(service.job, body.prompt, target, params, body.max_tokens is not None)
-    admission = service.admit()
+    engine, _ = service.ready()
+
+    def build() -> Job:  # in a worker thread: tokenizing a long prompt must not stall the loop
+        ids = text_prompt_ids(engine.tokenizer, body.prompt)
+        return service.job(ids, target, params, body.max_tokens is not None)
+
+    job = await asyncio.to_thread(build)
+    grant = await take_rows(request, job.target, 1, service.admit())
     try:
         (done,) = await service.run(request, [job])
     finally:
-        admission.release()
+        grant.release()
     return _answer(job, done, text=done.text)
+
+
+def _no_session(session_id: str) -> APIError:
+    return APIError(
+        404,
+        f"no conversation {session_id!r} for this API key (it may have expired); omit session_id "
+        "to start a new one (the server makes the id)",
+        "not_found_error",
+        "session_not_found",
+        "session_id",
+    )
 
 
 async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tuple[Job, str]:
     target = await _target(request, body.agent, body.adapter)
-    session = body.session_id or service.conversations.new_id()
     system = "\n\n".join(s for s in (target.system, body.context and f"Context:\n{body.context}") if s)
-    history = list(service.conversations.history(session) or [])  # read on the loop, used in a thread
+    if body.session_id is None:
+        session, history = service.conversations.new_id(), []
+    else:  # only a session this key started: ids are the server's, a client cannot pick one
+        found = service.conversations.history(body.session_id, key_id(request))
+        if found is None:
+            raise _no_session(body.session_id)
+        session, history = body.session_id, list(found)  # read on the loop, used in a thread
 
     def build() -> Job:
         while True:  # a long session keeps working: its oldest turns fall out of the prompt
@@ -93,13 +117,16 @@ async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tu
 async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
     service = service_of(request)
     job, session = await _chat_job(service, body, request)
-    admission = service.admit()
+    grant = await take_rows(request, job.target, 1, service.admit())
     try:
         (done,) = await service.run(request, [job])
     finally:
-        admission.release()
+        grant.release()
     service.conversations.append(
-        session, {"role": "user", "content": body.message}, {"role": "assistant", "content": done.text}
+        session,
+        key_id(request),
+        {"role": "user", "content": body.message},
+        {"role": "assistant", "content": done.text},
     )
     return _answer(job, done, session_id=session, response=done.text)
 
@@ -108,7 +135,8 @@ async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
 async def chat_stream(body: ChatRequest, request: Request) -> Response:
     service = service_of(request)
     job, session = await _chat_job(service, body, request)
-    admission = service.admit()
+    owner = key_id(request)
+    grant = await take_rows(request, job.target, 1, service.admit())
 
     async def events() -> AsyncIterator[bytes]:
         async for piece in service.stream(job):
@@ -117,34 +145,29 @@ async def chat_stream(body: ChatRequest, request: Request) -> Response:
             if piece.finished and piece.completion is not None:
                 text = piece.completion.text
                 service.conversations.append(
-                    session, {"role": "user", "content": body.message}, {"role": "assistant", "content": text}
+                    session,
+                    owner,
+                    {"role": "user", "content": body.message},
+                    {"role": "assistant", "content": text},
                 )
-                admission.release()  # the engine work is done: a slow reader must not hold a queue place
+                grant.release()  # the engine work is done: a slow reader must not hold a queue place
                 yield event(_answer(job, piece.completion, session_id=session, response=text, done=True))
 
-    return streaming(admission, events(), done=False)
+    return streaming(grant, events(), done=False)
 
 
 @router.get("/conversation", dependencies=[Depends(require_key)])
 async def get_conversation(request: Request, session_id: str = Query(...)) -> dict[str, Any]:
-    messages = service_of(request).conversations.history(session_id)
+    messages = service_of(request).conversations.history(session_id, key_id(request))
     if messages is None:
-        raise APIError(
-            404,
-            f"no conversation {session_id!r} (it may have expired)",
-            "not_found_error",
-            "session_not_found",
-            "session_id",
-        )
+        raise _no_session(session_id)
     return {"session_id": session_id, "messages": messages}
 
 
 @router.delete("/conversation", dependencies=[Depends(require_key)])
 async def delete_conversation(request: Request, session_id: str = Query(...)) -> dict[str, Any]:
-    if not service_of(request).conversations.delete(session_id):
-        raise APIError(
-            404, f"no conversation {session_id!r}", "not_found_error", "session_not_found", "session_id"
-        )
+    if not service_of(request).conversations.delete(session_id, key_id(request)):
+        raise _no_session(session_id)
     return {"session_id": session_id, "deleted": True}
 
 

@@ -17,6 +17,8 @@ from loom.engine.types import Completion, LogitsProcessor
 from loom.errors import LoomError
 from loom.serve.auth import require_admin, require_key
 from loom.serve.errors import APIError
+from loom.serve.pools import Grant, take_rows
+from loom.serve.prompts import text_prompt_ids
 from loom.serve.registry import Target
 from loom.serve.schemas import (
     ChatCompletionRequest,
@@ -25,7 +27,7 @@ from loom.serve.schemas import (
     SamplingFields,
     UnloadLoraRequest,
 )
-from loom.serve.service import Admission, Job, Service, resolve_target, service_of
+from loom.serve.service import Job, Service, resolve_target, service_of
 from loom.serve.sse import DONE, event, merge, streaming
 
 router = APIRouter()
@@ -72,8 +74,9 @@ def build_jobs(
             param="n",
         )
     jobs: list[Job] = []
+    engine, _ = service.ready()
     for index, prompt in enumerate(prompts):
-        ids: Any = prompt
+        ids: Any = text_prompt_ids(engine.tokenizer, prompt) if isinstance(prompt, str) else prompt
         for i in range(body.n):
             params = sampling(body, service.cfg.default_max_tokens, i)
             job = service.job(ids, target, params, given, processor() if processor else None)
@@ -108,7 +111,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             for i, c in enumerate(done)
         ]
 
-    def stream(include_usage: bool, admission: Admission) -> AsyncIterator[bytes]:
+    def stream(include_usage: bool, admission: Grant) -> AsyncIterator[bytes]:
         return _chat_stream(service, jobs, target, rid, created, include_usage, admission)
 
     head = {"id": rid, "object": "chat.completion", "created": created, "model": target.model}
@@ -122,17 +125,19 @@ async def _respond(
     body: SamplingFields,
     head: dict[str, Any],
     choices: Callable[[list[Completion]], list[dict[str, Any]]],
-    stream: Callable[[bool, Admission], AsyncIterator[bytes]],
+    stream: Callable[[bool, Grant], AsyncIterator[bytes]],
 ) -> Response:
-    """Admit the jobs, then stream them as SSE or answer once with every choice and usage."""
+    """Admit the jobs and give them batch rows, then stream them as SSE or answer once with
+    every choice and usage."""
     admission = service.admit(len(jobs))
+    grant = await take_rows(request, jobs[0].target, len(jobs), admission)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(admission, stream(include_usage, admission), done=True)
+        return streaming(grant, stream(include_usage, grant), done=True)
     try:
         done = await service.run(request, jobs)
     finally:
-        admission.release()
+        grant.release()
     fp = fingerprint(service, done)
     return JSONResponse(
         {**head, "system_fingerprint": fp, "choices": choices(done), "usage": usage(jobs, done)}
@@ -166,7 +171,7 @@ async def _chat_stream(
     rid: str,
     created: int,
     include_usage: bool,
-    admission: Admission,
+    admission: Grant,
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return event(
@@ -212,7 +217,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise APIError(400, "prompt is empty; give text or token ids", param="prompt")
     jobs = await asyncio.to_thread(build_jobs, service, prompts, target, body)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    echo = [engine.tokenizer.decode(j.ids) if body.echo else "" for j in jobs]
+    # A text prompt is echoed as sent (its ids may carry a BOS the client never wrote).
+    echo = [
+        ""
+        if not body.echo
+        else p
+        if isinstance(p := prompts[j.prompt_index], str)
+        else engine.tokenizer.decode(j.ids)
+        for j in jobs
+    ]
 
     def result(done: list[Completion]) -> list[dict[str, Any]]:
         return [
@@ -220,7 +233,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             for i, c in enumerate(done)
         ]
 
-    def stream(include_usage: bool, admission: Admission) -> AsyncIterator[bytes]:
+    def stream(include_usage: bool, admission: Grant) -> AsyncIterator[bytes]:
         return _text_stream(service, jobs, target, rid, created, include_usage, echo, admission)
 
     head = {"id": rid, "object": "text_completion", "created": created, "model": target.model}
@@ -235,7 +248,7 @@ async def _text_stream(
     created: int,
     include_usage: bool,
     echo: list[str],
-    admission: Admission,
+    admission: Grant,
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return event(

@@ -5,13 +5,33 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # OpenAI allows 4 stop sequences; long or many stops would be matched on every token of the
 # shared engine thread, so both are bounded.
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 StopList = Annotated[list[StopString], Field(max_length=4)]
 Seed = Annotated[int, Field(ge=0, le=2**62)]
+# As vLLM does, a temperature under 1e-5 is greedy decoding: dividing logits by 1e-300 makes
+# them inf, and inf - inf the NaN that fails sampling.
+SAMPLING_EPS = 1e-5
+Temperature = Annotated[float, Field(ge=0, le=2), AfterValidator(lambda t: 0.0 if t < SAMPLING_EPS else t)]
+
+
+def _not_a_path(value: str) -> str:
+    # The registry refuses paths too, but parsing one first expands "~user" (an unknown user is
+    # a RuntimeError): a name from a request must never reach the filesystem at all.
+    if value.startswith(("/", "./", "../", "~", "\\")) or value in (".", ".."):
+        raise ValueError(
+            f"{value[:64]!r} is a path; HTTP requests name only the base, an agent or a store adapter "
+            "(name or name@version): see GET /v1/models"
+        )
+    return value
+
+
+ModelName = Annotated[str, AfterValidator(_not_a_path)]
+# Logits are divided or multiplied by it: 1e-300 or 1e300 overflow them the same way.
+RepetitionPenalty = Annotated[float, Field(ge=0.01, le=100)]
 
 
 class _Body(BaseModel):
@@ -53,10 +73,10 @@ class ResponseFormat(_Body):
 class SamplingFields(_Body):
     """The sampling parameters shared by chat and text completions (OpenAI + vLLM extensions)."""
 
-    model: str | None = None
+    model: ModelName | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: Temperature | None = None
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     n: int = Field(default=1, ge=1, le=16)
@@ -66,7 +86,7 @@ class SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=0, le=0)  # accepted only as 0: not implemented
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = False
     user: str | None = None
 
@@ -91,9 +111,9 @@ class CompletionRequest(SamplingFields):
 class GenerateRequest(_Body):
     prompt: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    adapter: str | None = None
-    agent: str | None = None
-    temperature: float = Field(default=0.0, ge=0, le=2)
+    adapter: ModelName | None = None
+    agent: ModelName | None = None
+    temperature: Temperature = 0.0
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: StopList = Field(default_factory=list)
     seed: Seed | None = None
@@ -103,26 +123,26 @@ class ChatRequest(_Body):
     message: str = Field(min_length=1)
     context: str | None = None
     session_id: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
-    agent: str | None = None
-    adapter: str | None = None
+    agent: ModelName | None = None
+    adapter: ModelName | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0, le=2)
+    temperature: Temperature = 0.0
 
 
 class PoolCreate(_Body):
-    agent: str | None = None
-    base: str | None = None
-    adapter: str | None = None
+    agent: ModelName | None = None
+    base: ModelName | None = None
+    adapter: ModelName | None = None
     warm_size: int = Field(default=1, ge=0)
 
 
 class PoolSwap(_Body):
-    version: str = Field(min_length=1)
+    version: Annotated[ModelName, Field(min_length=1)]
 
 
 class LoadLoraRequest(_Body):
     lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_path: Annotated[ModelName, Field(min_length=1)]
     load_inplace: bool = False
 
 

@@ -14,6 +14,20 @@ from loom.train.packing import StepBlockSampler, pack_groups
 from loom.train.progress import LossLog, RichProgress
 from loom.train.tokenize import IGNORE, Tokenized
 
+WARMUP_RATIO = 0.03  # of the training steps, linear warm-up before the cosine decay
+
+
+def warmup_args(ratio: float, transformers_version: str | None = None) -> dict[str, Any]:
+    """The trainer arguments for a warm-up over ``ratio`` of the training steps, meaning the same
+    on every transformers pyproject.toml allows: 5.x reads ``warmup_steps`` below 1 as a ratio and
+    dropped ``warmup_ratio`` (5.2); 4.x refuses a float ``warmup_steps`` and takes ``warmup_ratio``."""
+    if transformers_version is None:
+        import transformers
+
+        transformers_version = transformers.__version__
+    major = int(transformers_version.split(".", 1)[0])
+    return {"warmup_steps": ratio} if major >= 5 else {"warmup_ratio": ratio}
+
 
 def _dataset(items: list[Tokenized]) -> Any:
     from datasets import Dataset
@@ -142,7 +156,7 @@ def fit(
         gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=0.03,
+        **warmup_args(WARMUP_RATIO),
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
