@@ -237,7 +237,7 @@ def test_a_pools_warm_size_reserves_batch_rows_for_its_requests(engine: Engine) 
         finally:
             stop.set()
             watcher.join()
-        assert mine.status_code == 200 and all(r.status_code == 200 for r in others)
+        assert mine.status_code == 200 and all(r.status_code == 200 for r in others), mine.text
         assert max(peak) <= 3, max(peak)  # 2 base rows + the pool's request, never the whole batch
         assert took < flood_left / 2, (took, flood_left)  # it did not wait for the flood
         wide = httpx.post(f"{url}/v1/chat/completions", json={**long, "n": 3, "max_tokens": 1})

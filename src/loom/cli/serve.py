@@ -57,6 +57,9 @@ def serve(
     max_body_bytes: int = _O(1 << 20, "--max-body-bytes"),
     max_prompt_tokens: int | None = _O(None, "--max-prompt-tokens"),
     request_timeout: float = _O(300.0, "--request-timeout", help="Seconds before a generation is cut."),
+    alias_refresh: float = _O(
+        1.0, "--alias-refresh", help="Seconds before an alias move (set, rollback) reaches new requests."
+    ),
     default_max_tokens: int = _O(128, "--default-max-tokens", help="max_tokens when a request sets none."),
     dry_run: bool = _O(False, "--dry-run", help="Print the plan from metadata alone; load nothing."),
     stub: bool = _O(False, "--stub", help="Test mode: a tiny random model instead of the base."),
@@ -102,6 +105,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         max_prompt_tokens=max_prompt_tokens,
         request_timeout_s=request_timeout,
+        alias_refresh_s=alias_refresh,
         default_max_tokens=default_max_tokens,
         stub=stub,
         require_keys=require_keys,

@@ -322,6 +322,7 @@ class Engine:
         """Adapter versions resident, loading, waiting for a slot or routed to (for leases)."""
         with self.adapters.lock:
             held = set(self.adapters.resident) | set(self.adapters.loading)
+        held |= {k for k in list(self.scheduler.pending_loads) if k}
         return {k for k in held | self.resolver.in_use() if not k.startswith("path:")}
 
     def load_adapter(self, ref: str, pin: bool = False) -> str:

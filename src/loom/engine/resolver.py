@@ -26,6 +26,7 @@ from loom.refs import parse_ref
 from loom.store.store import Store
 
 DEFAULT_REFRESH_S = 1.0
+RECENT_S = 60.0  # a version resolved this recently counts as in use (its request may be loading it)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class AdapterResolver:
         self.on_resolved = on_resolved
         self.routes: dict[str, Route] = {}  # "name" or "name@alias" -> route
         self.versions: dict[str, ResolvedAdapter] = {}  # name@version -> checked, local
+        self.resolved_at: dict[str, float] = {}  # name@version -> last resolution
         self.lock = threading.Lock()
         self.counters = {"alias_refreshes": 0, "alias_moves": 0}
 
@@ -98,6 +100,8 @@ class AdapterResolver:
             checksums = {f.path: f.sha256 for f in resolved.manifest.files}
             with self.lock:
                 self.versions.setdefault(key, ResolvedAdapter(key, folder, checksums))
+        with self.lock:
+            self.resolved_at[key] = time.monotonic()
         if key != ref:  # a bare name or an alias: remember where it points, for refresh_s
             key = self._update_route(ref, key, resolved.version)
         return self.versions[key]
@@ -130,6 +134,8 @@ class AdapterResolver:
             return route.key if route is not None else None
 
     def in_use(self) -> set[str]:
-        """Every concrete version this resolver has handed out or routes to."""
+        """Versions routed to, or resolved in the last RECENT_S seconds."""
+        recent = time.monotonic() - RECENT_S
         with self.lock:
-            return set(self.versions) | {r.key for r in self.routes.values()}
+            fresh = {k for k, at in self.resolved_at.items() if at > recent}
+            return fresh | {r.key for r in self.routes.values()}

@@ -19,6 +19,7 @@ from loom.serve.agent_map import AgentSpec, load_agent_map
 from loom.serve.auth import exposure_warnings
 from loom.serve.config import ServeConfig
 from loom.serve.errors import install_handlers
+from loom.serve.leasing import ServingLeases
 from loom.serve.plan import QUANTIZED_ORDER, ServePlan, make_plan, plan_from_store
 from loom.serve.pools import PoolManager
 from loom.serve.registry import ModelRegistry
@@ -52,6 +53,8 @@ def create_app(cfg: ServeConfig, store: Store | None = None, engine: Engine | No
         service.status = "draining"
         if service.engine is not None and engine is None:
             service.engine.shutdown()
+        if service.leases is not None:
+            service.leases.close()
 
     app = FastAPI(title="Loom", version=__version__, lifespan=lifespan)
     app.state.service = service
@@ -80,6 +83,9 @@ def _start(
         if engine is None:
             engine, service.plan = build_engine(cfg, store, preload)
         service.engine = engine
+        if engine.store is not None and not cfg.stub:
+            service.leases = ServingLeases(engine)
+            service.leases.start()
         service.registry = ModelRegistry(
             engine.store, engine.base_ref or "base", engine.base_fingerprint, agents
         )
@@ -115,9 +121,8 @@ def build_engine(cfg: ServeConfig, store: Store | None, preload: list[str]) -> t
             f"the plan chose {plan.variant}, but the Loom engine serves float weights only for now; "
             "drop --quantize (the plan then picks bf16/fp16 on CUDA)"
         )
-    engine = Engine.from_store(
-        plan.base_ref, device=cfg.device, dtype=plan.dtype, store=store, **vars(plan.engine_config())
-    )
+    engine_cfg = {**vars(plan.engine_config()), "alias_refresh_s": cfg.alias_refresh_s}
+    engine = Engine.from_store(plan.base_ref, device=cfg.device, dtype=plan.dtype, store=store, **engine_cfg)
     return engine, plan
 
 

@@ -39,6 +39,8 @@ class ServeConfig:
     max_prompt_tokens: int | None = None  # None: max_seq_len - 1
     max_queue: int = 64  # requests waiting beyond the running batch before answering 429
     request_timeout_s: float = 300.0
+    # the longest an alias move (alias set, rollback, promotion) takes to reach new requests
+    alias_refresh_s: float = 1.0
     default_max_tokens: int = 128
     max_sessions: int = 1000
     max_session_messages: int = 40

@@ -38,12 +38,19 @@ class EngineCollector(Collector):
             "loom_resident_adapters", "Adapters resident in engine slots", len(s["resident_adapters"])
         )
         yield GaugeMetricFamily("loom_adapters_loading", "Adapter reads under way", s["adapters_loading"])
+        yield GaugeMetricFamily(
+            "loom_adapters_waiting_for_slot",
+            "Adapters read and waiting for a free slot",
+            s["adapters_waiting_for_slot"],
+        )
         c = s["adapter_counters"]
         for key, name, doc in (
             ("loads", "loom_adapter_loads", "Adapters installed into a slot"),
             ("load_failures", "loom_adapter_load_failures", "Adapter loads that failed"),
             ("evictions", "loom_adapter_evictions", "Adapters evicted to make room"),
             ("swaps", "loom_adapter_hot_swaps", "Hot-swaps of an adapter name to another version"),
+            ("slot_waits", "loom_adapter_slot_waits", "Adapters that waited for a slot (all were in use)"),
+            ("alias_moves", "loom_adapter_alias_moves", "Alias moves in the store that rerouted a name"),
         ):
             yield CounterMetricFamily(name, doc, c.get(key, 0))
         yield CounterMetricFamily("loom_engine_steps", "Decode steps run", s["steps"])

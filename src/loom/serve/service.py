@@ -17,6 +17,7 @@ from loom.engine.types import Completion, LogitsProcessor, StreamChunk
 from loom.serve.config import ServeConfig
 from loom.serve.conversations import Conversations
 from loom.serve.errors import APIError
+from loom.serve.leasing import ServingLeases
 from loom.serve.lora_limits import check_served
 from loom.serve.metrics import Metrics
 from loom.serve.plan import ServePlan
@@ -58,6 +59,7 @@ class Service:
         self.status = "loading"  # loading -> ok | failed; draining on shutdown
         self.error: str | None = None
         self.in_flight = 0
+        self.leases: ServingLeases | None = None  # the store lease on what this server uses
         self.within_limits: set[str] = set()  # adapter versions checked against the LoRA limits
         self.metrics = Metrics(self._engine_stats)
         self.conversations = Conversations(cfg.max_sessions, cfg.max_session_messages)
