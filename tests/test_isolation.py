@@ -143,3 +143,28 @@ def test_alias_moves_reach_new_requests_and_running_ones_keep_their_version(
         assert eng.stats()["adapter_counters"]["alias_moves"] == 2
     finally:
         eng.shutdown()
+
+
+def test_the_sampler_reports_nan_and_inf_rows_and_samples_the_rest() -> None:
+    from loom.engine.sampling import RowSampling, sample_batch
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [float("nan"), 0.0, 1.0], [2.0, 0.0, 1.0]])
+    greedy = [RowSampling(SamplingParams(), []) for _ in range(3)]
+    fast = sample_batch(logits, greedy)  # the all-greedy fast path
+    assert fast.tokens == [1, None, 0] and list(fast.errors) == [1]
+    hot = SamplingParams(temperature=0.7, seed=1)
+    rows = [RowSampling(hot, [], generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    mixed = sample_batch(torch.tensor([[0.0, float("inf"), 1.0], [0.0, 9.0, 1.0]]), rows)
+    assert mixed.tokens[0] is None and 0 in mixed.errors and mixed.tokens[1] == 1
+
+
+def test_a_local_adapter_folder_streams(engine: Engine, tiny_adapter_dir: Path) -> None:
+    import asyncio
+
+    async def run() -> str | None:
+        done = await engine.agenerate(
+            PROMPTS[0], adapter=str(tiny_adapter_dir), params=SamplingParams(max_new_tokens=3)
+        )
+        return done.error
+
+    assert asyncio.run(run()) is None

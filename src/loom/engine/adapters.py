@@ -123,13 +123,18 @@ class AdapterCache:
             self.loading.pop(key, None)
 
     # -- installation (engine thread only: slots change between steps) -------
-    def install(self, loaded: AdapterWeights, pinned: bool = False) -> Resident:
+    def install(
+        self, loaded: AdapterWeights, pinned: bool = False, keep: frozenset[str] = frozenset()
+    ) -> Resident:
+        """Put ``loaded`` in a slot, evicting idle adapters not in ``keep`` (those waiting
+        requests need). Raises SlotsBusy, leaving the load registered, when none is free."""
         with self.lock:
-            self.loading.pop(loaded.key, None)
             if loaded.key in self.resident:  # installed meanwhile by the scheduler: keep a pin asked for
+                self.loading.pop(loaded.key, None)
                 self.resident[loaded.key].pinned |= pinned
                 return self.resident[loaded.key]
-            self._make_room(loaded.nbytes)
+            self._make_room(loaded.nbytes, keep)
+            self.loading.pop(loaded.key, None)
             used = {r.slot for r in self.resident.values()}
             slot = next(s for s in range(self.max_slots) if s not in used)
             for module, (a_t, b_s) in loaded.weights.items():
@@ -141,13 +146,13 @@ class AdapterCache:
             self.load_seconds.append(loaded.load_seconds)
             return entry
 
-    def _make_room(self, nbytes: int) -> None:
+    def _make_room(self, nbytes: int, keep: frozenset[str] = frozenset()) -> None:
         if nbytes > self.max_bytes:
             raise LoomError(f"adapter needs {nbytes} bytes, more than the cache's {self.max_bytes}")
         while len(self.resident) >= self.max_slots or self.bytes + nbytes > self.max_bytes:
-            idle = [r for r in self.resident.values() if r.refs == 0 and not r.pinned]
+            idle = [r for r in self.resident.values() if r.refs == 0 and not r.pinned and r.key not in keep]
             if not idle:
-                if any(r.refs and not r.pinned for r in self.resident.values()):
+                if any((r.refs or r.key in keep) and not r.pinned for r in self.resident.values()):
                     raise SlotsBusy(f"all {len(self.resident)} adapter slots serve running requests")
                 raise LoomError(
                     f"adapter cache full: all {len(self.resident)} resident adapters are pinned; "

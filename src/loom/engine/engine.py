@@ -323,6 +323,7 @@ class Engine:
         with self.adapters.lock:
             held = set(self.adapters.resident) | set(self.adapters.loading)
         held |= {k for k in list(self.scheduler.pending_loads) if k}
+        held |= {r.adapter_key for r in list(self.scheduler.waiting) if r.adapter_key}
         return {k for k in held | self.resolver.in_use() if not k.startswith("path:")}
 
     def load_adapter(self, ref: str, pin: bool = False) -> str:

@@ -66,6 +66,8 @@ class AdapterResolver:
 
     def cached(self, ref: str) -> ResolvedAdapter | None:
         """The answer without store I/O, or None when :meth:`resolve` must read the store."""
+        if ref.startswith("path:"):  # a local folder's key, as resolve() made it
+            return ResolvedAdapter(ref, Path(ref.removeprefix("path:")), None)
         with self.lock:
             known = self.versions.get(ref)
             if known is not None:
@@ -93,6 +95,8 @@ class AdapterResolver:
             raise LoomError(f"adapter {ref}: this engine has no store; pass a local adapter folder")
         resolved = resolve_adapter(self.store, ref, self.fingerprint, "the base this engine serves")
         key = resolved.ref
+        with self.lock:  # in use from now: a lease sync during the download keeps it
+            self.resolved_at[key] = time.monotonic()
         if key not in self.versions:
             if self.on_resolved is not None:
                 self.on_resolved(key)

@@ -60,8 +60,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: flo
 def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> SampleResult:
     """One token per row of ``logits`` [rows, vocab] (float32 or wider)."""
     errors: dict[int, str] = {}
-    if all(r.plain_greedy for r in rows):  # the common case: no copy, one op, one sync
-        return SampleResult(logits.argmax(dim=-1).tolist(), errors)
+    if all(r.plain_greedy for r in rows):  # the common case: no copy, two ops, one sync
+        picked = torch.stack([logits.argmax(dim=-1), torch.isnan(logits).any(dim=-1).long()]).tolist()
+        fast: list[int | None] = list(picked[0])
+        for i, nan in enumerate(picked[1]):
+            if nan:
+                errors[i], fast[i] = "sampling failed: the logits are NaN", None
+        return SampleResult(fast, errors)
     work = logits.clone()
     for i, row in enumerate(rows):
         if row.plain_greedy:
@@ -73,10 +78,12 @@ def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> SampleResult:
             work[i] = 0.0
     chosen = work.argmax(dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.greedy and i not in errors]
-    if sampled:
-        chosen[sampled] = _sample_rows(work[sampled], [rows[i] for i in sampled])
-    # A row with NaN, or with every token masked, has no defined next token.
+    # A row with NaN, or with every token masked, has no defined next token; nor has a
+    # sampled row whose probabilities come out NaN (a +inf logit).
     unusable = torch.isnan(work).any(dim=-1) | ~(work > float("-inf")).any(dim=-1)
+    if sampled:
+        chosen[sampled], broken = _sample_rows(work[sampled], [rows[i] for i in sampled])
+        unusable[sampled] |= broken
     tokens: list[int | None] = list(chosen.tolist())
     for i, bad in enumerate(unusable.tolist()):
         if bad and i not in errors:
@@ -92,7 +99,7 @@ def _prepare_row(logits: torch.Tensor, row: RowSampling) -> torch.Tensor:
     return apply_repetition_penalty(logits, row.seen, row.params.repetition_penalty)
 
 
-def _sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+def _sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature, top-k, top-p and a draw for rows that sample, batched; seeded rows draw
     from their own generator (on the CPU, so a seed gives the same text on any device)."""
     temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=logits.device)
@@ -108,7 +115,9 @@ def _sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
     if bool((top_p < 1.0).any()):
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        drop = cumulative - sorted_probs > top_p[:, None]  # keep the smallest set reaching top_p
+        # keep the smallest set reaching top_p; rows at 1.0 keep everything (a float32 cumulative
+        # sum can pass 1.0 by an ulp and would cut their tail)
+        drop = (cumulative - sorted_probs > top_p[:, None]) & (top_p < 1.0)[:, None]
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
     # NaN rows are reported by the caller; a uniform stand-in keeps multinomial from raising
     # for the whole batch.
@@ -122,4 +131,4 @@ def _sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
         if r.generator is not None:
             draw = torch.multinomial(probs[i].to(r.generator.device), 1, generator=r.generator)
             out[i] = draw.to(out.device)[0]
-    return out
+    return out, broken

@@ -120,9 +120,19 @@ class Scheduler:
             self.partial[0].cancelled = True
 
     def _install_loaded(self) -> None:
-        for key, fut in list(self.pending_loads.items()):
+        # Oldest waiting request first, and no install evicts an adapter an *older* waiting
+        # request needs (one installed this pass is idle until admitted): the oldest waiter
+        # gets the freed slot, and younger ones cannot take it back.
+        first_wait: dict[str, float] = {}
+        for req in self.waiting:
+            if req.adapter_key is not None:
+                first_wait.setdefault(req.adapter_key, req.arrived)
+        loads = sorted(self.pending_loads.items(), key=lambda kv: first_wait.get(kv[0], float("inf")))
+        for key, fut in loads:
             if not fut.done():
                 continue
+            mine = first_wait.get(key, float("inf"))
+            keep = frozenset(k for k, t in first_wait.items() if t < mine)
             if key in self.slot_waits and not any(r.adapter_key == key for r in self.waiting):
                 # everyone who wanted it gave up (timeout, cancel): stop holding its weights
                 del self.pending_loads[key], self.slot_waits[key]
@@ -130,7 +140,7 @@ class Scheduler:
                 continue
             error = None
             try:
-                self.adapters.install(fut.result())
+                self.adapters.install(fut.result(), keep=keep)
             except SlotsBusy:
                 # Every slot serves running requests: keep the weights and try again after
                 # the next step releases one (the request's timeout bounds the wait).

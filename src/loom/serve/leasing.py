@@ -23,12 +23,17 @@ class ServingLeases:
         self.engine, self.refresh_s = engine, refresh_s
         self.keeper = LeaseKeeper(engine.store, refresh_s)
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # a hold between a sync's snapshot and its write survives
         self._thread = threading.Thread(target=self._run, name="loom-leases", daemon=True)
 
     def start(self) -> None:
+        """Start holding; a store where no lease can be written is served anyway (logged)."""
         self.engine.version_listeners.append(self._hold)
         self.sync()
-        self.keeper.start()
+        try:
+            self.keeper.start()
+        except Exception as exc:
+            log.error("no store lease (gc may retire what this server uses): %s", exc)
         self._thread.start()
 
     def wanted(self) -> set[str]:
@@ -37,13 +42,24 @@ class ServingLeases:
 
     def sync(self) -> None:
         """Hold exactly what the engine uses now (versions that left are released)."""
-        try:
-            self.keeper.set(self.wanted())
-        except Exception as exc:  # a lease that cannot be written must not stop serving
-            log.error("could not update the store lease: %s", exc)
+        with self._lock:
+            wanted = self.wanted()
+            try:
+                self.keeper.set(wanted & self.keeper.held())
+            except Exception as exc:  # a lease that cannot be written must not stop serving
+                log.error("could not update the store lease: %s", exc)
+            for ref in sorted(wanted - self.keeper.held()):
+                self._hold_locked(ref)
 
     def _hold(self, key: str) -> None:
-        self.keeper.hold(key)  # errors reach the resolving request: better than loading unleased
+        with self._lock:
+            self._hold_locked(key)
+
+    def _hold_locked(self, key: str) -> None:
+        try:  # one by one: a version retired meanwhile must not keep the others unleased
+            self.keeper.hold(key)
+        except Exception as exc:
+            log.error("could not lease %s: %s", key, exc)
 
     def _run(self) -> None:
         while not self._stop.wait(self.refresh_s):
