@@ -150,7 +150,8 @@ class Backend(ABC):
         return None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -163,7 +164,7 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def _tree_size(path: Path) -> int:
@@ -200,7 +201,7 @@ class LocalStaging(Staging):
                     f"version (or omit --version to get a fresh one)"
                 ) from exc
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         shutil.rmtree(self.area, ignore_errors=True)
 
     def abort(self) -> None:
@@ -247,7 +248,7 @@ class LocalBackend(Backend):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def remove(self, rel: str) -> None:
         self._p(rel).unlink(missing_ok=True)

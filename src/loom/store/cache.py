@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from loom.errors import IntegrityError
+from loom.store.backends import fsync_dir
 from loom.store.hashing import CHUNK, sha256_stream
 from loom.store.manifest import MANIFEST_NAME, FileEntry, parse_manifest
 from loom.store.store import Resolved, Store
@@ -192,9 +193,9 @@ def _download(store: Store, resolved: Resolved, target: Path) -> None:
             )
         (tmp / MANIFEST_NAME).write_bytes(manifest)
         _write_record(tmp, resolved)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -220,11 +221,3 @@ def _stream_file(store: Store, resolved: Resolved, f: FileEntry, dest: Path) -> 
             f"bytes, sha256 {f.sha256}. The stored copy is damaged: run 'loom store verify "
             f"{resolved.ref}' and re-publish the version"
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
