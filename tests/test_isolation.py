@@ -115,6 +115,34 @@ def test_more_distinct_adapters_than_slots_wait_for_a_slot(engine_store: Store) 
         one_slot.shutdown()
 
 
+def test_the_oldest_slot_waiter_gets_the_freed_slot_first(engine_store: Store) -> None:
+    """One slot, held by a long request; three other adapters arrive in order (the largest
+    first, so a younger one's weights are read first): they take the slot oldest first, and
+    none starts before the one ahead of it has finished."""
+    one_slot = tiny_engine(engine_store, max_batch_size=8, max_seq_len=128, kv_cache_mb=8, max_adapters=1)
+    try:
+        holder = one_slot.submit(
+            PROMPTS[0], adapter="qv4@v1", params=SamplingParams(max_new_tokens=60, ignore_eos=True)
+        )
+        while holder.first_token_at is None:
+            time.sleep(0.005)
+        waiters = []
+        for adapter in ("all8@v1", "o2@v1", "qv4@v2"):
+            params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+            waiters.append(one_slot.submit(PROMPTS[1], adapter=adapter, params=params))
+            time.sleep(0.02)
+        done = [one_slot._wait(r) for r in [holder, *waiters]]
+        assert all(c.error is None for c in done), [c.error for c in done]
+        spans = [(r.token_times[0], r.token_times[-1]) for r in [holder, *waiters]]
+        for (_, ahead_done), (started, _) in zip(spans, spans[1:], strict=False):
+            assert ahead_done <= started, spans
+        # each adapter installed once: no younger one took the slot only to be evicted again
+        counters = one_slot.stats()["adapter_counters"]
+        assert (counters["loads"], counters["evictions"]) == (4, 3), counters
+    finally:
+        one_slot.shutdown()
+
+
 def test_alias_moves_reach_new_requests_and_running_ones_keep_their_version(
     store: Store, tiny_base: str, tiny_dir: Path, tmp_path: Path
 ) -> None:

@@ -105,6 +105,17 @@ def test_damaged_store_is_a_500_with_the_fix(engine_store: Store, tmp_path: Path
             assert error["code"] == "store_damaged" and "loom store verify" in error["message"]
             assert str(root) not in error["message"]  # no server paths to clients
             assert r.headers["x-request-id"] in error["message"]
+            # weights that fail their checksum when the engine reads them: the server's 500, not
+            # the caller's 400, and the engine's text (file names, hashes) stays in the log
+            weights = next(root.rglob("all8/versions/v1/**/adapter_model.safetensors"))
+            weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+            r = httpx.post(
+                f"{url}/v1/completions", json={"model": "all8@v1", "prompt": "the quick", "max_tokens": 2}
+            )
+            assert r.status_code == 500, r.text
+            error = r.json()["error"]
+            assert error["code"] == "adapter_unreadable" and "all8@v1" in error["message"]
+            assert "sha256" not in r.text and "safetensors" not in r.text
     finally:
         eng.shutdown()
 

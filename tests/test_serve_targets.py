@@ -206,3 +206,9 @@ def test_an_adapter_beyond_the_limits_is_refused_naming_the_flag(mixed_store: St
             "adapter r16oup@v1: targets up_proj, which this server does not serve (it serves q_proj, "
             "k_proj, v_proj, o_proj); restart with --lora-targets including up_proj"
         )
+        # every other way in is checked the same way, before any file is fetched
+        load = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "r32gd"})
+        pool = httpx.post(f"{url}/workers/pools", json={"adapter": "r16oup", "warm_size": 1})
+        for refused in (load, pool):
+            assert refused.status_code == 400, refused.text
+            assert "restart with --lora-targets including" in refused.json()["error"]["message"]

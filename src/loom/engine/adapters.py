@@ -147,18 +147,26 @@ class AdapterCache:
             return entry
 
     def _make_room(self, nbytes: int, keep: frozenset[str] = frozenset()) -> None:
+        """Evict least-recently-used idle adapters until ``nbytes`` fits in a free slot; evicts
+        nothing unless those evictions together make room (a failed install costs no residents)."""
         if nbytes > self.max_bytes:
             raise LoomError(f"adapter needs {nbytes} bytes, more than the cache's {self.max_bytes}")
-        while len(self.resident) >= self.max_slots or self.bytes + nbytes > self.max_bytes:
-            idle = [r for r in self.resident.values() if r.refs == 0 and not r.pinned and r.key not in keep]
-            if not idle:
-                if any((r.refs or r.key in keep) and not r.pinned for r in self.resident.values()):
-                    raise SlotsBusy(f"all {len(self.resident)} adapter slots serve running requests")
-                raise LoomError(
-                    f"adapter cache full: all {len(self.resident)} resident adapters are pinned; "
-                    "unpin some (or start the server with more --max-loras)"
-                )
-            victim = min(idle, key=lambda r: r.last_used)
+        slots, used = len(self.resident), self.bytes
+        idle = [r for r in self.resident.values() if r.refs == 0 and not r.pinned and r.key not in keep]
+        victims = []
+        for victim in sorted(idle, key=lambda r: r.last_used):
+            if slots < self.max_slots and used + nbytes <= self.max_bytes:
+                break
+            victims.append(victim)
+            slots, used = slots - 1, used - victim.nbytes
+        if slots >= self.max_slots or used + nbytes > self.max_bytes:
+            if any((r.refs or r.key in keep) and not r.pinned for r in self.resident.values()):
+                raise SlotsBusy(f"all {len(self.resident)} adapter slots serve running requests")
+            raise LoomError(
+                f"adapter cache full: all {len(self.resident)} resident adapters are pinned; "
+                "unpin some (or start the server with more --max-loras)"
+            )
+        for victim in victims:
             self._evict(victim)
 
     def _evict(self, entry: Resident) -> None:

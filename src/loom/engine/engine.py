@@ -85,7 +85,8 @@ class Engine:
         self.store = store
         self.base_ref, self.base_fingerprint = base_ref, base_fingerprint
         self._ids = itertools.count()
-        # told of every concrete adapter version before its files are fetched (leases)
+        # told of every concrete adapter version before its files are fetched (leases); one that
+        # raises a LoomError refuses the version (the server's LoRA limits), and the request fails
         self.version_listeners: list[Callable[[str], None]] = []
         self.oom_events = 0
         self._stop = threading.Event()

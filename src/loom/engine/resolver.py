@@ -14,6 +14,7 @@ which callers run on a worker thread, never on the event loop or the engine thre
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from loom.store.store import Store
 
 DEFAULT_REFRESH_S = 1.0
 RECENT_S = 60.0  # a version resolved this recently counts as in use (its request may be loading it)
+log = logging.getLogger("loom.engine")
 
 
 @dataclass(frozen=True)
@@ -62,20 +64,21 @@ class AdapterResolver:
         self.versions: dict[str, ResolvedAdapter] = {}  # name@version -> checked, local
         self.resolved_at: dict[str, float] = {}  # name@version -> last resolution
         self.lock = threading.Lock()
-        self.counters = {"alias_refreshes": 0, "alias_moves": 0}
+        self.counters = {"alias_refreshes": 0, "alias_moves": 0, "alias_refresh_failures": 0}
 
     def cached(self, ref: str) -> ResolvedAdapter | None:
         """The answer without store I/O, or None when :meth:`resolve` must read the store."""
         if ref.startswith("path:"):  # a local folder's key, as resolve() made it
             return ResolvedAdapter(ref, Path(ref.removeprefix("path:")), None)
+        now = time.monotonic()
         with self.lock:
             known = self.versions.get(ref)
-            if known is not None:
-                return known
-            route = self.routes.get(ref)
-            if route is not None and time.monotonic() - route.checked_at < self.refresh_s:
-                return self.versions.get(route.key)
-        return None
+            route = self.routes.get(ref) if known is None else None
+            if route is not None and now - route.checked_at < self.refresh_s:
+                known = self.versions.get(route.key)
+            if known is not None:  # still in use: its lease (in_use) must not lapse while requested
+                self.resolved_at[known.key] = now
+            return known
 
     def resolve(self, ref: str) -> ResolvedAdapter:
         """``ref`` -> its concrete version, checked (kind, base fingerprint) and local.
@@ -93,7 +96,16 @@ class AdapterResolver:
             raise LoomError(f"adapter {ref}: give a store ref (name or name@version) or a local folder")
         if self.store is None:
             raise LoomError(f"adapter {ref}: this engine has no store; pass a local adapter folder")
-        resolved = resolve_adapter(self.store, ref, self.fingerprint, "the base this engine serves")
+        read_at = time.monotonic()  # a route is as new as the read that made it, not its return
+        try:
+            resolved = resolve_adapter(self.store, ref, self.fingerprint, "the base this engine serves")
+        except LoomError:
+            raise  # the store answered (no such adapter, wrong base): the request fails
+        except Exception as exc:  # the store did not answer: keep serving the last route
+            kept = self._keep_route(ref, exc)
+            if kept is None:
+                raise
+            return kept
         key = resolved.ref
         with self.lock:  # in use from now: a lease sync during the download keeps it
             self.resolved_at[key] = time.monotonic()
@@ -107,21 +119,37 @@ class AdapterResolver:
         with self.lock:
             self.resolved_at[key] = time.monotonic()
         if key != ref:  # a bare name or an alias: remember where it points, for refresh_s
-            key = self._update_route(ref, key, resolved.version)
+            key = self._update_route(ref, key, resolved.version, read_at)
         return self.versions[key]
 
-    def _update_route(self, ref: str, key: str, alias_version: str) -> str:
-        """Record what the store said; an explicit hot-swap holds until the alias moves."""
-        now = time.monotonic()
+    def _keep_route(self, ref: str, exc: Exception) -> ResolvedAdapter | None:
+        """A store outage while refreshing ``ref``: the last route stays (retried after
+        ``refresh_s``), logged and counted; None when there is no route to keep."""
+        with self.lock:
+            route = self.routes.get(ref)
+            known = self.versions.get(route.key) if route is not None else None
+            if route is None or known is None:
+                return None
+            route.checked_at = time.monotonic()
+            self.resolved_at[known.key] = route.checked_at
+            self.counters["alias_refresh_failures"] += 1
+        log.warning("store unreachable refreshing %s (%s); still routing to %s", ref, exc, known.key)
+        return known
+
+    def _update_route(self, ref: str, key: str, alias_version: str, read_at: float) -> str:
+        """Record what the store said at ``read_at``; an explicit hot-swap holds until the
+        alias moves, and a slower read never overwrites what a newer one recorded."""
         with self.lock:
             old = self.routes.get(ref)
+            if old is not None and old.checked_at > read_at:
+                return old.key if old.key in self.versions else key
             self.counters["alias_refreshes"] += old is not None
             if old is not None and old.explicit and old.alias_version in (None, alias_version):
-                old.alias_version, old.checked_at = alias_version, now
+                old.alias_version, old.checked_at = alias_version, read_at
                 return old.key
             if old is not None and old.key != key:
                 self.counters["alias_moves"] += 1
-            self.routes[ref] = Route(key, alias_version, now)
+            self.routes[ref] = Route(key, alias_version, read_at)
             return key
 
     def route(self, name: str, key: str) -> None:

@@ -34,6 +34,7 @@ from loom.engine.request import Request
 from loom.engine.runner import ModelRunner
 from loom.engine.sampling import RowSampling, sample_batch
 from loom.engine.types import FinishReason, StreamChunk
+from loom.errors import IntegrityError, LoomError
 
 
 @dataclass
@@ -151,6 +152,9 @@ class Scheduler:
             except Exception as exc:  # a bad adapter fails its requests, never the engine
                 self.adapters.load_failed(key)
                 error = str(exc)
+                # the caller's choice (incompatible, too big) vs. the server's store (damaged bytes, I/O)
+                callers = isinstance(exc, LoomError) and not isinstance(exc, IntegrityError)
+                kind = "adapter" if callers else "adapter_store"
             del self.pending_loads[key]
             self.slot_waits.pop(key, None)
             for req in list(self.waiting):
@@ -159,7 +163,7 @@ class Scheduler:
                         req.ready = True
                     else:
                         req.error = f"adapter {key} failed to load: {error}"
-                        req.meta["error_kind"] = "adapter"
+                        req.meta["error_kind"] = kind
                         self.waiting.remove(req)
                         self._finish_waiting(req, "error")
 

@@ -71,7 +71,9 @@ class Completion:
     finish_reason: FinishReason
     adapter: str | None  # resolved ref (name@version) actually used, or None for base
     error: str | None = None
-    error_kind: str | None = None  # "adapter": the asked adapter could not load (the caller's choice)
+    # "adapter": the asked adapter cannot be served (the caller's choice); "adapter_store": its
+    # stored files could not be read or failed their checksums (the server's problem)
+    error_kind: str | None = None
     time_to_first_token_s: float | None = None
     total_s: float = 0.0
     token_times: list[float] = field(default_factory=list, repr=False)

@@ -83,6 +83,7 @@ def _start(
         if engine is None:
             engine, service.plan = build_engine(cfg, store, preload)
         service.engine = engine
+        service.refuse_beyond_limits(engine)
         if engine.store is not None and not cfg.stub:
             service.leases = ServingLeases(engine)
             service.leases.start()

@@ -68,6 +68,8 @@ class ServingLeases:
     def close(self) -> None:
         """Release everything (an engine given to create_app outlives this server)."""
         self._stop.set()
+        if self._thread.is_alive():  # a sync in progress finishes before the lease goes
+            self._thread.join(timeout=30)
         if self._hold in self.engine.version_listeners:
             self.engine.version_listeners.remove(self._hold)
         self.keeper.close()

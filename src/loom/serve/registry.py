@@ -20,6 +20,10 @@ from loom.store.store import Store
 AGENT_REFRESH_S = 1.0  # a new agent folder in the store is served within this
 
 
+class _NeedsRead(Exception):
+    """resolve(may_read=False) got to a point where it would have to read the store."""
+
+
 @dataclass
 class Target:
     model: str  # as asked, echoed back in responses
@@ -47,15 +51,14 @@ class ModelRegistry:
 
     def resolve_cached(self, model: str | None) -> Target | None:
         """:meth:`resolve` when it needs no store read (the base, an agent, a loaded LoRA name,
-        a concrete version), else None: call :meth:`resolve` on a worker thread."""
-        simple = not model or model in (self.base_name, self.base_ref, "base") or model in self.agents
-        if simple or self.store is None or "@" in (model or ""):
-            return self.resolve(model)
-        with self.lock:
-            fresh = model in self.dynamic or time.monotonic() - self._agent_names[0] < AGENT_REFRESH_S
-        return self.resolve(model) if fresh else None
+        a concrete version, a bare name while the agent folders' listing is fresh), else None:
+        call :meth:`resolve` on a worker thread."""
+        try:
+            return self.resolve(model, may_read=False)
+        except _NeedsRead:
+            return None
 
-    def resolve(self, model: str | None) -> Target:
+    def resolve(self, model: str | None, may_read: bool = True) -> Target:
         if model is not None and (model != model.strip() or len(model) > 128):
             # the name becomes a metric label and is echoed back: one spelling per model
             raise APIError(
@@ -84,14 +87,14 @@ class ModelRegistry:
                 param="model",
             )
         if ref.selector is None and self.store is not None:
-            group = self._agent_group(ref.name)
+            group = self._agent_group(ref.name, may_read)
             if group is not None:
                 return Target(model, group)
         return Target(model, model)
 
-    def _agent_group(self, agent: str) -> str | None:
+    def _agent_group(self, agent: str, may_read: bool = True) -> str | None:
         """A store agent folder (adapters/<agent>/...) holding exactly one adapter serves as that agent."""
-        names = self._agent_adapters().get(agent, [])
+        names = self._agent_adapters(may_read).get(agent, [])
         if agent in names or not names:
             return None
         if len(names) > 1:
@@ -102,13 +105,16 @@ class ModelRegistry:
             )
         return names[0]
 
-    def _agent_adapters(self) -> dict[str, list[str]]:
-        """Agent folder -> its adapters' names, re-listed at most every AGENT_REFRESH_S."""
+    def _agent_adapters(self, may_read: bool = True) -> dict[str, list[str]]:
+        """Agent folder -> its adapters' names, re-listed at most every AGENT_REFRESH_S
+        (``may_read=False``: raise _NeedsRead rather than list the store)."""
         assert self.store is not None
         with self.lock:
             read_at, names = self._agent_names
         if time.monotonic() - read_at < AGENT_REFRESH_S:
             return names
+        if not may_read:
+            raise _NeedsRead
         fresh: dict[str, list[str]] = {}
         for a in self.store.artifacts():
             if a.kind == "adapter" and a.agent:

@@ -288,7 +288,8 @@ async def models(request: Request) -> dict[str, Any]:
 async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:
     service = service_of(request)
     engine, registry = service.ready()
-    target = registry.resolve(body.lora_path)  # a store ref only: paths never reach the engine
+    # a store ref only (paths never reach the engine); resolving may read the store: off the loop
+    target = await asyncio.to_thread(registry.resolve, body.lora_path)
     if target.adapter is None:
         raise APIError(400, f"lora_path {body.lora_path!r} names the base, not an adapter", param="lora_path")
     if body.lora_name in registry.agents or body.lora_name == registry.base_name:

@@ -16,7 +16,7 @@ from loom.engine.engine import Prompt
 from loom.engine.types import Completion, LogitsProcessor, StreamChunk
 from loom.serve.config import ServeConfig
 from loom.serve.conversations import Conversations
-from loom.serve.errors import APIError
+from loom.serve.errors import APIError, server_error
 from loom.serve.leasing import ServingLeases
 from loom.serve.lora_limits import check_served
 from loom.serve.metrics import Metrics
@@ -60,9 +60,19 @@ class Service:
         self.error: str | None = None
         self.in_flight = 0
         self.leases: ServingLeases | None = None  # the store lease on what this server uses
-        self.within_limits: set[str] = set()  # adapter versions checked against the LoRA limits
         self.metrics = Metrics(self._engine_stats)
         self.conversations = Conversations(cfg.max_sessions, cfg.max_session_messages)
+
+    def refuse_beyond_limits(self, engine: Engine) -> None:
+        """Every adapter version the engine resolves, by any route (requests, agents, pools,
+        /v1/load_lora_adapter, hot-swaps), is checked against --max-lora-rank/--lora-targets from
+        its manifest before its files are fetched: beyond them it is a 400 naming the flag."""
+        cfg = engine.config
+
+        def check(key: str) -> None:
+            check_served(engine.store, key, cfg.max_rank, cfg.lora_targets)
+
+        engine.version_listeners.insert(0, check)  # before the lease: a refused version is not held
 
     def _engine_stats(self) -> dict[str, Any] | None:
         return self.engine.stats() if self.engine is not None else None
@@ -215,12 +225,20 @@ class Service:
     def checked(self, completion: Completion, job: Job) -> Completion:
         """Turn an engine-side failure into the right API error; record metrics of a success."""
         if completion.finish_reason == "error":
+            detail = completion.error or "engine error"
             if completion.error_kind == "adapter":
-                raise APIError(
-                    400, completion.error or "adapter failed", code="adapter_load_failed", param="model"
+                raise APIError(400, detail, code="adapter_load_failed", param="model")
+            if self.status == "draining":
+                raise APIError(503, "the server is shutting down; retry on another replica", "server_error")
+            # the server's fault: the client gets a request id, the log gets the engine's text
+            if completion.error_kind == "adapter_store":
+                raise server_error(
+                    f"adapter {job.target.version or job.target.model} could not be read from the "
+                    "server's store; an operator should run 'loom store verify'",
+                    "adapter_unreadable",
+                    RuntimeError(detail),
                 )
-            status = 503 if self.status == "draining" else 500
-            raise APIError(status, completion.error or "engine error", "server_error", "engine_error")
+            raise server_error("engine error while generating", "engine_error", RuntimeError(detail))
         self.metrics.observe_completion(job.target.model, len(job.ids), completion)
         return completion
 
@@ -238,14 +256,8 @@ async def resolve_target(request: Request, model: str | None) -> Target:
     target = registry.resolve_cached(model)
     if target is None:
         target = await asyncio.to_thread(registry.resolve, model)
-    if target.adapter is not None:
-        key = (await engine.aresolve_adapter(target.adapter)).key
-        service = service_of(request)
-        if key not in service.within_limits:  # beyond --max-lora-rank/--lora-targets: 400
-            cfg = engine.config
-            await asyncio.to_thread(check_served, engine.store, key, cfg.max_rank, cfg.lora_targets)
-            service.within_limits.add(key)
-        target.version = key
+    if target.adapter is not None:  # beyond --max-lora-rank/--lora-targets: 400 (refuse_beyond_limits)
+        target.version = (await engine.aresolve_adapter(target.adapter)).key
     request.state.model = target.model
     return target
 
