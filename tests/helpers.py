@@ -143,3 +143,12 @@ NUMERIC_LOG: list[tuple[str, float, float]] = []  # (what, error, noise): printe
 
 def record_numeric(what: str, err: float, noise: float) -> None:
     NUMERIC_LOG.append((what, err, noise))
+
+
+def fallback_answer(payload: dict[str, Any], agent: str) -> dict[str, Any]:
+    """A "live tool call" fallback for the agent tests (``helpers:fallback_answer``)."""
+    return {"intent": "B"} if "b" in str(payload.get("text", "")) else {"intent": "A"}
+
+
+def failing_fallback(payload: dict[str, Any], agent: str) -> str:
+    raise RuntimeError("legacy system down")

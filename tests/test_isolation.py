@@ -4,6 +4,7 @@ requests finish on their version (the tiny random Mistral)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def test_the_oldest_slot_waiter_gets_the_freed_slot_first(engine_store: Store) -
         done = [one_slot._wait(r) for r in [holder, *waiters]]
         assert all(c.error is None for c in done), [c.error for c in done]
         spans = [(r.token_times[0], r.token_times[-1]) for r in [holder, *waiters]]
-        for (_, ahead_done), (started, _) in zip(spans, spans[1:], strict=False):
+        for (_, ahead_done), (started, _) in itertools.pairwise(spans):
             assert ahead_done <= started, spans
         # each adapter installed once: no younger one took the slot only to be evicted again
         counters = one_slot.stats()["adapter_counters"]

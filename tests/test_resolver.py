@@ -75,7 +75,9 @@ def test_a_slow_read_never_overwrites_a_newer_route(
         engine_store.set_alias("qv4", "current", "v1")
 
 
-def test_a_cached_answer_keeps_its_version_in_use(engine_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cached_answer_keeps_its_version_in_use(
+    engine_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     res = _resolver(engine_store)
     res.resolve("o2@v1")
     monkeypatch.setattr(resolver_mod, "RECENT_S", 0.0)
@@ -88,7 +90,8 @@ def test_a_cached_answer_keeps_its_version_in_use(engine_store: Store, monkeypat
 
 
 class _Runner:
-    lora_modules: dict[str, Any] = {}
+    def __init__(self) -> None:
+        self.lora_modules: dict[str, Any] = {}
 
 
 def _weights(key: str, nbytes: int) -> AdapterWeights:

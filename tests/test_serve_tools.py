@@ -13,10 +13,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from loom.agents import load_map_file
 from loom.cli.main import app
 from loom.errors import LoomError
 from loom.serve import ServeConfig, create_app
-from loom.serve.agent_map import load_agent_map
 from loom.serve.bench import BenchConfig, run_bench, summarize
 from loom.serve.plan import plan_from_store
 from loom.serve.server import serve_in_thread, wait_healthy
@@ -69,13 +69,13 @@ def test_plan_refuses_over_commit_and_says_by_how_much(engine_store: Store) -> N
 def test_agent_map_errors_name_the_agent(tmp_path: Path) -> None:
     bad = tmp_path / "agents.yaml"
     bad.write_text("agents:\n  intent:\n    adapter: ../../etc\n")
-    with pytest.raises(LoomError, match=r"agent 'intent'.*store ref"):
-        load_agent_map(bad)
+    with pytest.raises(LoomError, match=r"agents.yaml: agent 'intent', field adapter: .*store ref"):
+        load_map_file(bad)
     bad.write_text("agents:\n  intent:\n    adaptr: x\n")
-    with pytest.raises(LoomError, match="unknown keys"):
-        load_agent_map(bad)
+    with pytest.raises(LoomError, match=r"agent 'intent', field adaptr: unknown field"):
+        load_map_file(bad)
     with pytest.raises(LoomError, match="does not exist"):
-        load_agent_map(tmp_path / "missing.yaml")
+        load_map_file(tmp_path / "missing.yaml")
 
 
 def test_health_is_503_until_loaded_then_warm_pools_from_the_agent_map(

@@ -8,6 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from loom import __version__
+from loom.cli import agents as agents_cli
 from loom.cli import bench as bench_cli
 from loom.cli import data as data_cli
 from loom.cli import store as store_cli
@@ -43,6 +44,7 @@ app.command("train")(train)
 app.command("doctor")(doctor)
 app.command("serve")(serve)
 app.add_typer(bench_cli.app, name="bench")
+app.add_typer(agents_cli.app, name="agents")
 
 
 @app.callback(invoke_without_command=True)

@@ -17,7 +17,9 @@ def serve(
     host: str = _O("127.0.0.1", "--host", help="Address to bind; beyond loopback, set LOOM_API_KEY."),
     port: int = _O(8000, "--port"),
     preload: list[str] | None = _O(None, "--preload", help="Adapter ref to load and pin at start (repeat)."),
-    agents: Path | None = _O(None, "--agents", help="Agent map YAML (agent -> adapter, system, warm)."),
+    agents: Path | None = _O(
+        None, "--agents", help="Agent map (AGENT_MODEL_MAP.json or YAML): agents served at /v1/agents."
+    ),
     device: str = _O("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = _O("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."),
     quantize: bool = _O(False, "--quantize", help="Allow a quantized variant (nf4/int8) when available."),
@@ -76,7 +78,7 @@ def serve(
 
     Keys: LOOM_API_KEY (clients), LOOM_ADMIN_KEY (pools and adapter loading)."""
     from loom.serve import ServeConfig, create_app
-    from loom.serve.agent_map import load_agent_map
+    from loom.serve.agents import ServedAgents
     from loom.serve.app import stub_engine
     from loom.serve.plan import plan_from_store
     from loom.serve.server import run
@@ -111,8 +113,7 @@ def serve(
         require_keys=require_keys,
     )
     if dry_run:
-        agent_map = load_agent_map(agents) if agents else {}
-        refs = [*cfg.preload, *(a.adapter for a in agent_map.values() if a.adapter)]
+        refs = [*cfg.preload, *ServedAgents(agents).adapters()]
         if stub:
             engine, plan = stub_engine(cfg)
             engine.shutdown()

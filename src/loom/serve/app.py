@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from loom import __version__
 from loom.engine import Engine, SamplingParams
-from loom.serve.agent_map import AgentSpec, load_agent_map
+from loom.serve.agents import ServedAgents
 from loom.serve.auth import exposure_warnings
 from loom.serve.config import ServeConfig
 from loom.serve.errors import install_handlers
@@ -37,13 +37,13 @@ def create_app(cfg: ServeConfig, store: Store | None = None, engine: Engine | No
     for warning in exposure_warnings(cfg):
         log.warning("\n%s\n!!! SECURITY: %s\n%s", "!" * 78, warning, "!" * 78)
     service = Service(cfg)
-    agents = load_agent_map(cfg.agents_file) if cfg.agents_file else {}
+    service.agents = ServedAgents(cfg.agents_file)  # a bad map stops here, before any loading
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         thread = threading.Thread(
             target=_start,
-            args=(service, app.state.pools, store, engine, agents),
+            args=(service, app.state.pools, store, engine),
             name="loom-serve-start",
             daemon=True,
         )
@@ -60,11 +60,12 @@ def create_app(cfg: ServeConfig, store: Store | None = None, engine: Engine | No
     app.state.service = service
     app.state.pools = PoolManager(service)
     install_handlers(app)
-    from loom.serve import routes_admin, routes_native, routes_openai
+    from loom.serve import routes_admin, routes_agents, routes_native, routes_openai
 
     app.include_router(routes_openai.router)
     app.include_router(routes_native.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_agents.router)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     app.add_middleware(RequestMetrics, service=service)  # outermost: it also counts the 413s
     return app
@@ -75,11 +76,10 @@ def _start(
     pools: PoolManager,
     store: Store | None,
     engine: Engine | None,
-    agents: dict[str, AgentSpec],
 ) -> None:
     cfg = service.cfg
     try:
-        preload = [*cfg.preload, *(a.adapter for a in agents.values() if a.adapter)]
+        preload = [*cfg.preload, *service.agents.adapters()]
         if engine is None:
             engine, service.plan = build_engine(cfg, store, preload)
         service.engine = engine
@@ -87,6 +87,8 @@ def _start(
         if engine.store is not None and not cfg.stub:
             service.leases = ServingLeases(engine)
             service.leases.start()
+        service.agents.build(engine, service.metrics)
+        agents = service.agents.agents
         service.registry = ModelRegistry(
             engine.store, engine.base_ref or "base", engine.base_fingerprint, agents
         )
@@ -98,12 +100,12 @@ def _start(
                 service.metrics.preload_failures.inc()
                 log.error("preloading adapter %s failed: %s", ref, exc)
         service.status = "ok"
-        for spec in agents.values():
-            if spec.warm and spec.adapter:
+        for agent in agents.values():
+            if agent.warm and agent.adapter:
                 try:
-                    pools.create(spec.name, spec.warm)
+                    pools.create(agent.name, agent.warm)
                 except Exception as exc:
-                    log.error("the warm pool for agent %s failed: %s", spec.name, exc)
+                    log.error("the warm pool for agent %s failed: %s", agent.name, exc)
     except Exception as exc:
         service.metrics.preload_failures.inc()
         service.status, service.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -107,6 +107,22 @@ class Metrics:
             "loom_model_preload_failures", "Base or adapter preloads that failed", registry=r
         )
         self.cancelled = Counter("loom_cancelled", "Generations cancelled by a client disconnect", registry=r)
+        self.agent_runs = Counter(
+            "loom_agent_runs",
+            "Agent payloads answered, by the chain step kind that answered (adapter, base, python, "
+            "endpoint, stub, legacy; none: every step failed) and confidence",
+            ["agent", "answered_by", "confidence"],
+            registry=r,
+        )
+        self.agent_fallbacks = Counter(
+            "loom_agent_fallbacks", "Agent payloads answered by a fallback step", ["agent"], registry=r
+        )
+        self.unknown_citations = Counter(
+            "loom_citations_unknown_sources",
+            "Citations of source ids the source registry does not know (see `loom sources unknown`)",
+            ["agent"],
+            registry=r,
+        )
         r.register(EngineCollector(engine_stats))
 
     def observe_completion(self, model: str, prompt_tokens: int, completion: Any) -> None:

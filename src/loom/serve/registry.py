@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from loom.agents.agent import Agent
 from loom.errors import LoomError, NotFoundError, RefError
 from loom.refs import parse_ref
-from loom.serve.agent_map import AgentSpec
 from loom.serve.errors import APIError
 from loom.store.store import Store
 
@@ -38,7 +38,7 @@ class ModelRegistry:
         store: Store | None,
         base_ref: str,
         base_fingerprint: str | None,
-        agents: dict[str, AgentSpec],
+        agents: dict[str, Agent],
     ) -> None:
         self.store, self.base_ref, self.fingerprint = store, base_ref, base_fingerprint
         self.base_name = base_ref.split("@", 1)[0]

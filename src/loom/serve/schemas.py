@@ -149,3 +149,10 @@ class LoadLoraRequest(_Body):
 class UnloadLoraRequest(_Body):
     lora_name: str = Field(min_length=1)
     lora_int_id: int | None = None
+
+
+class AgentRunRequest(_Body):
+    """One payload (``input``) or a batch (``inputs``) for an agent."""
+
+    input: dict[str, Any] | None = None
+    inputs: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=256)] | None = None

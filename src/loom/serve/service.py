@@ -14,6 +14,7 @@ from starlette.requests import Request
 from loom.engine import Engine, SamplingParams
 from loom.engine.engine import Prompt
 from loom.engine.types import Completion, LogitsProcessor, StreamChunk
+from loom.serve.agents import ServedAgents
 from loom.serve.config import ServeConfig
 from loom.serve.conversations import Conversations
 from loom.serve.errors import APIError, server_error
@@ -60,6 +61,7 @@ class Service:
         self.error: str | None = None
         self.in_flight = 0
         self.leases: ServingLeases | None = None  # the store lease on what this server uses
+        self.agents = ServedAgents(None)  # create_app sets the map's
         self.metrics = Metrics(self._engine_stats)
         self.conversations = Conversations(cfg.max_sessions, cfg.max_session_messages)
 

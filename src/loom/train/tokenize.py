@@ -53,6 +53,18 @@ class Renderer:
         if tokenizer.eos_token is None:
             raise LoomError("the base's tokenizer has no eos_token; the adapter could never learn to stop")
 
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        """The text before the first response: what training masked as the prompt, and so what
+        an agent must send to get the behaviour its adapter learned (``loom.agents``)."""
+        if self.use_chat:
+            text: str = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return text
+        turns = [m for m in messages if m["role"] != "system"]
+        if len(turns) != 1:
+            raise LoomError("--prompt-template formats one prompt; the base has no chat template")
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
+        return self.prompt_template.format(prompt=turns[0]["content"], system=system)
+
     def segments(self, ex: Example) -> list[tuple[str, bool]]:
         if ex.text is not None:
             return [(ex.text + self.tok.eos_token, True)]
@@ -65,8 +77,7 @@ class Renderer:
                 f"{ex.id}: multi-turn messages need a chat template; the base has none and "
                 f"--prompt-template formats one prompt and one response"
             )
-        system = next((m["content"] for m in msgs if m["role"] == "system"), "")
-        prompt = self.prompt_template.format(prompt=turns[0]["content"], system=system)
+        prompt = self.prompt([m for m in msgs if m is not turns[1]])
         return [(prompt, False), (turns[1]["content"] + self.tok.eos_token, True)]
 
     def _chat_segments(self, ex: Example) -> list[tuple[str, bool]]:
@@ -76,7 +87,7 @@ class Renderer:
         for i, m in enumerate(ex.messages):
             if m["role"] != "assistant":
                 continue
-            prefix = render(ex.messages[:i], add_generation_prompt=True, tokenize=False) if i else ""
+            prefix = self.prompt(ex.messages[:i]) if i else ""
             upto = render(ex.messages[: i + 1], tokenize=False)
             if not (prefix.startswith(done) and upto.startswith(prefix)):
                 raise LoomError(

@@ -1,0 +1,39 @@
+"""Citations in agent answers: parsed from ``<<SRC:domain:id>>`` markers and resolved through the
+map's source registry; ids the registry does not know are logged and counted for its maintainers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loom.agents.citations import ResolvedCitation, parse_citations, render_list, unique_citations
+from loom.agents.sources import SourceRegistry
+from loom.agents.spec import AgentMapFile
+
+CitationHook = Callable[[Any, str], list[dict[str, Any]]]
+
+
+def open_registry(doc: AgentMapFile, where: Path) -> SourceRegistry | None:
+    if not doc.sources:
+        return None
+    path = Path(doc.sources)
+    return SourceRegistry.open(path if path.is_absolute() else where.parent / path)
+
+
+def citation_hook(doc: AgentMapFile, where: Path, registry: SourceRegistry | None = None) -> CitationHook:
+    registry = registry or open_registry(doc, where)
+
+    def cite(agent: Any, raw: str) -> list[dict[str, Any]]:
+        found = unique_citations(parse_citations(raw))
+        if not found:
+            return []
+        if registry is None:  # no registry: the ids as cited, none known
+            return render_list(ResolvedCitation(c, None) for c in found)
+        resolved = registry.resolve(found)
+        unknown = [r.source_id for r in resolved if not r.known]
+        if unknown:
+            registry.record_unknown(unknown, agent.name)
+        return render_list(resolved)
+
+    return cite

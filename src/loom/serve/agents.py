@@ -1,0 +1,65 @@
+"""The agents a server runs: the map parsed at start-up (a bad file stops the start with the
+error), each agent checked once the base is loaded (one that fails its checks is listed as
+unavailable with the reason; the others serve)."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from loom.agents.agent import Agent, build_agent
+from loom.agents.backends import EngineBackend
+from loom.agents.cite import citation_hook, open_registry
+from loom.agents.loader import base_facts, load_recommended
+from loom.agents.runtime import AgentRuntime
+from loom.agents.spec import AgentMapFile, load_map_file
+from loom.engine import Engine
+from loom.serve.metrics import Metrics
+
+log = logging.getLogger("loom.serve")
+
+
+class ServedAgents:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.doc: AgentMapFile | None = load_map_file(path) if path else None
+        self.agents: dict[str, Agent] = {}
+        self.errors: dict[str, str] = {}  # agent -> why it is not served
+        self.runtime: AgentRuntime | None = None
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="loom-agents")
+
+    def adapters(self) -> list[str]:
+        """The adapters the map names (preloaded and pinned at start-up)."""
+        if self.doc is None:
+            return []
+        return [e.adapter for e in self.doc.agents.values() if e.adapter]
+
+    def build(self, engine: Engine, metrics: Metrics) -> None:
+        if self.doc is None or self.path is None:
+            return
+        store = engine.store
+        base = base_facts(engine, store)
+        for name, entry in self.doc.agents.items():
+            try:
+                self.agents[name] = build_agent(name, entry, store, base)
+            except Exception as exc:  # one bad agent must not stop the others being served
+                self.errors[name] = str(exc)
+                log.error("agent %s is not served: %s", name, exc)
+        registry = open_registry(self.doc, self.path)
+        hook = citation_hook(self.doc, self.path, registry)
+
+        def cite(agent: Any, raw: str) -> list[dict[str, Any]]:
+            found = hook(agent, raw)
+            unknown = sum(1 for c in found if not c.get("known", True))
+            if unknown:
+                metrics.unknown_citations.labels(agent.name).inc(unknown)
+            return found
+
+        self.runtime = AgentRuntime(EngineBackend(engine), load_recommended(self.doc, self.path), cite)
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = [{**a.info(), "status": "ok"} for a in self.agents.values()]
+        out += [{"name": n, "status": "unavailable", "error": e} for n, e in self.errors.items()]
+        return out

@@ -1,0 +1,269 @@
+"""The agents layer on the tiny random Mistral: the map's validation, prompt parity with
+training, the inferred enum schema, every fallback trigger, batching, and the HTTP routes."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from loom.agents import AgentFailed, load_agents, load_map_file
+from loom.agents.agent import BaseFacts, build_agent
+from loom.agents.spec import parse_agent_map
+from loom.data.formats import RowFormat, Templates, to_example
+from loom.engine import Engine
+from loom.errors import LoomError
+from loom.serve import ServeConfig, create_app
+from loom.serve.server import serve_in_thread
+from loom.store import Store
+from loom.store.adapters import publish_adapter
+from loom.store.importers import import_hf_dir
+from loom.train.config import TrainConfig
+from loom.train.run import train
+from loom.train.tokenize import IGNORE, tokenize_examples
+
+SYSTEM = "You label requests."
+INPUT = "Intent of: {text}"
+OUTPUT = '{{"intent": "{label}"}}'
+ROWS = [
+    {"text": f"{w} {i}", "label": lab}
+    for i in range(4)
+    for w, lab in (("ask a", "A"), ("buy b", "B"), ("call c", "C"))
+]
+
+
+@pytest.fixture(scope="module")
+def agent_store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Store:
+    """``tiny@v1`` with ``intent`` trained by `loom train` (fields format, labels A/B/C)."""
+    root = tmp_path_factory.mktemp("agents")
+    store = Store(root / "store")
+    import_hf_dir(store, tiny_dir, "tiny", version="v1", alias="current")
+    store.set_default_base("tiny")
+    data = root / "intent.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = TrainConfig(
+        train_files=[str(data)],
+        format=RowFormat.fields,
+        system_prompt=SYSTEM,
+        input_template=INPUT,
+        output_template=OUTPUT,
+        agent="intent",
+        adapter_name="intent",
+        model_name_or_path="tiny",
+        max_steps=2,
+        train_batch_size=4,
+        adapter_r=4,
+        target_modules=["q_proj", "v_proj"],
+        output_dir=root / "run",
+        publish=True,
+        adapter_version="v1",
+        seed=3,
+    )
+    train(cfg, store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def agent_engine(agent_store: Store) -> Iterator[Engine]:
+    eng = Engine.from_store(
+        "tiny",
+        device="cpu",
+        store=agent_store,
+        max_batch_size=8,
+        max_seq_len=256,
+        kv_cache_mb=16,
+        max_adapters=4,
+        max_rank=8,
+    )
+    yield eng
+    eng.shutdown()
+
+
+def write_map(tmp: Path, agents: dict[str, Any], **top: Any) -> Path:
+    path = tmp / "AGENT_MODEL_MAP.json"
+    path.write_text(json.dumps({"agents": agents, **top}))
+    return path
+
+
+# ----------------------------------------------------------------- the map
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"adapter": "../etc"}, "agent 'intent', field adapter: .*store ref"),
+        ({"adapter": "intent", "generation": {"temperature": -1}}, "field generation.temperature: .*greater"),
+        ({"adapter": "intent", "fallback": [{"python": "nocolon"}]}, r"field fallback.0: .*module:function"),
+        ({"adapter": "intent", "fallback": [{"base": True, "stub": 1}]}, "exactly one of"),
+        ({"adapter": "intent", "ouput": {}}, "field ouput: unknown field"),
+        ({"adapter": "intent", "variant_preference": ["int3"]}, "unknown variants"),
+    ],
+)
+def test_map_errors_name_the_file_the_agent_and_the_field(
+    tmp_path: Path, entry: dict[str, Any], message: str
+) -> None:
+    path = write_map(tmp_path, {"intent": entry})
+    with pytest.raises(LoomError, match=message) as err:
+        load_map_file(path)
+    assert str(path) in str(err.value)
+
+
+def test_yaml_maps_and_the_old_format_still_load(tmp_path: Path) -> None:
+    old = tmp_path / "agents.yaml"
+    old.write_text("agents:\n  bot:\n    adapter: all8\n    system: You are terse.\n  plain: o2\n")
+    doc = load_map_file(old)
+    assert doc.agents["bot"].prompt is not None and doc.agents["bot"].prompt.system == "You are terse."
+    assert doc.agents["plain"].adapter == "o2"
+
+
+# ----------------------------------------------------------------- prompts and schemas
+def test_the_agent_prompt_is_the_prompt_training_saw(
+    agent_store: Store, agent_engine: Engine, tmp_path: Path
+) -> None:
+    agents = load_agents(write_map(tmp_path, {"intent": {"adapter": "intent"}}), engine=agent_engine)
+    agent = agents["intent"].agent
+    assert agent.prompt.source == "training" and agent.warnings == []
+    row = {"text": "buy b 9", "label": "B"}
+    example = to_example(row, RowFormat.fields, Templates(system_prompt=SYSTEM, input_template=INPUT, output_template=OUTPUT), "x:1", "r1")
+    trained = tokenize_examples([example], agent_engine.tokenizer, 512)[0]
+    prompt_part = [t for t, lab in zip(trained.input_ids, trained.labels, strict=True) if lab == IGNORE]
+    assert agent.prompt.token_ids(agent_engine.tokenizer, {"text": "buy b 9"}) == prompt_part
+
+
+def test_the_output_schema_is_an_enum_of_the_snapshot_labels(
+    agent_store: Store, agent_engine: Engine, tmp_path: Path
+) -> None:
+    agents = load_agents(write_map(tmp_path, {"intent": {"adapter": "intent"}}), engine=agent_engine)
+    agent = agents["intent"]
+    assert agent.agent.output_schema == {
+        "type": "object",
+        "properties": {"intent": {"type": "string", "enum": ["A", "B", "C"]}},
+        "required": ["intent"],
+        "additionalProperties": False,
+    }
+    assert agent.agent.input_schema["required"] == ["text"]
+    results = agent.run_many([{"text": r["text"]} for r in ROWS[:6]])  # a random model, held to the schema
+    assert all(r.output["intent"] in "ABC" and r.fallback.step == 0 for r in results)
+    assert {r.model_version["adapter"] for r in results} == {"intent@v1"}
+    assert results[0].model_version["base"] == "tiny@v1"
+    with pytest.raises(LoomError, match=r"input: 'text' is a required property"):
+        agent.run({"txt": "x"})
+    with pytest.raises(LoomError, match=r"input.text: \[1\] is not of type"):
+        agent.run({"text": [1]})
+
+
+def test_a_changed_chat_template_is_refused_unless_the_map_allows_it(
+    agent_store: Store, tmp_path: Path
+) -> None:
+    summary = dict(agent_store.resolve("intent").manifest.training_summary or {})
+    summary["base"] = {**summary["base"], "chat_template_sha256": "0" * 64}
+    folder = agent_store.backend.local_path(agent_store.resolve("intent@v1").rel)
+    publish_adapter(
+        agent_store,
+        folder,
+        agent="intent",
+        name="intent-old",
+        base="tiny@v1",
+        version="v1",
+        training_summary=summary,
+    )
+    base = agent_store.resolve("tiny@v1")
+    facts = BaseFacts(base.ref, base.manifest.base)
+    doc = parse_agent_map({"old": {"adapter": "intent-old"}}, "m.json")
+    with pytest.raises(
+        LoomError, match="trained under chat template sha256 000000000000, but the served base has"
+    ):
+        build_agent("old", doc.agents["old"], agent_store, facts)
+    doc = parse_agent_map(
+        {"old": {"adapter": "intent-old", "prompt": {"allow_template_mismatch": True}}}, "m.json"
+    )
+    agent = build_agent("old", doc.agents["old"], agent_store, facts)
+    assert any("allowed by the map" in w for w in agent.warnings)
+
+
+# ----------------------------------------------------------------- fallbacks
+def run_one(
+    tmp_path: Path, engine: Engine, entry: dict[str, Any], payload: dict[str, Any], **top: Any
+) -> Any:
+    return load_agents(write_map(tmp_path, {"intent": entry}, **top), engine=engine)["intent"].run(payload)
+
+
+def test_disabled_adapter_goes_down_the_chain(
+    agent_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INTENT_DISABLE_MISTRAL", "1")  # the legacy spelling
+    r = run_one(tmp_path, agent_engine, {"adapter": "intent", "fallback": ["base"]}, {"text": "ask a"})
+    assert (r.fallback.step, r.fallback.kind) == (1, "base") and r.model_version["adapter"] is None
+    assert "disabled by INTENT_DISABLE_ADAPTER" in r.fallback.reasons[0]
+    assert r.output["intent"] in "ABC"  # the base runs under the same schema and prompt
+
+
+def test_missing_adapter_and_a_failing_tool_fall_through_to_python(
+    agent_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INTENT_DISABLE_ADAPTER", "1")
+    (tmp_path / "AGENT_MODEL_RECOMMENDED.json").write_text(
+        json.dumps({"old-intent": {"python": "helpers:fallback_answer"}})
+    )
+    entry = {
+        "adapter": "intent",
+        "fallback": ["ghost@v9", {"python": "helpers:failing_fallback"}, {"legacy": "old-intent"}],
+    }
+    r = run_one(tmp_path, agent_engine, entry, {"text": "buy b"})
+    assert (r.fallback.step, r.fallback.kind, r.output) == (3, "legacy", {"intent": "B"})
+    reasons = r.fallback.reasons
+    assert "step 1 (adapter ghost@v9): adapter:" in reasons[1] and "ghost" in reasons[1]
+    assert "RuntimeError: legacy system down" in reasons[2]
+
+
+def test_invalid_json_after_one_repair_falls_back(agent_engine: Engine, tmp_path: Path) -> None:
+    entry = {"adapter": "intent", "generation": {"max_tokens": 2}, "fallback": [{"stub": {"intent": "C"}}]}
+    r = run_one(tmp_path, agent_engine, entry, {"text": "call c"})  # 2 then 4 tokens cannot close the object
+    assert (r.fallback.step, r.output) == (1, {"intent": "C"})
+    assert "output is not valid JSON (after one repair attempt)" in r.fallback.reasons[0]
+
+
+def test_low_confidence_answers_fall_back_and_the_first_is_kept_if_nothing_beats_it(
+    agent_engine: Engine, tmp_path: Path
+) -> None:
+    text = {"input_template": "{text}", "output": {"type": "text"}, "confidence": {"citations": "required"}}
+    entry = {**text, "fallback": [{"stub": "It might be Paris."}, {"stub": "Paris <<SRC:wiki:Paris>>"}]}
+    r = run_one(tmp_path, agent_engine, entry, {"text": "capital of France?"})
+    assert r.fallback.step == 2 and r.confidence["level"] == "high" and r.citations
+    assert any("low confidence (hedges ('might be')" in x for x in r.fallback.reasons)
+    only_low = {**text, "fallback": [{"stub": "I'm not sure."}]}
+    r = run_one(tmp_path, agent_engine, only_low, {"text": "?"})
+    assert r.confidence["level"] == "low" and r.fallback.step >= 0
+
+
+def test_a_remote_endpoint_that_is_down_falls_through_and_a_spent_chain_says_why(
+    agent_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INTENT_DISABLE_ADAPTER", "1")
+    entry = {"adapter": "intent", "fallback": [{"endpoint": "http://127.0.0.1:9", "timeout_s": 2}]}
+    with pytest.raises(
+        AgentFailed,
+        match=r"every step failed: step 0 .*disabled.*step 1 \(endpoint http://127.0.0.1:9\): endpoint:",
+    ):
+        run_one(tmp_path, agent_engine, entry, {"text": "x"})
+
+
+# ----------------------------------------------------------------- batching
+def test_run_many_goes_through_the_engine_as_one_burst(
+    agent_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = load_agents(write_map(tmp_path, {"intent": {"adapter": "intent"}}), engine=agent_engine)["intent"]
+    agent.run({"text": "warm"})  # the adapter resident first: the burst is then one prefill
+    sizes: list[int] = []
+    real = agent_engine.scheduler._prefill
+
+    def spy(reqs: Any) -> None:
+        sizes.append(len(reqs))
+        real(reqs)
+
+    monkeypatch.setattr(agent_engine.scheduler, "_prefill", spy)
+    results = agent.run_many([{"text": r["text"]} for r in ROWS[:6]])
+    assert len(results) == 6 and sizes and sizes[0] == 6, sizes
