@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 from loom import __version__
 from loom.cli import bench as bench_cli
 from loom.cli import data as data_cli
+from loom.cli import sources as sources_cli
 from loom.cli import store as store_cli
 from loom.cli.doctor import doctor
 from loom.cli.output import err_console
@@ -39,6 +40,7 @@ app = typer.Typer(
 )
 app.add_typer(store_cli.app, name="store")
 app.add_typer(data_cli.app, name="data")
+app.add_typer(sources_cli.app, name="sources")
 app.command("train")(train)
 app.command("doctor")(doctor)
 app.command("serve")(serve)

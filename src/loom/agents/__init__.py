@@ -1,0 +1,1 @@
+"""Agents: agent map, JSON agents, citations, conversations, fallbacks."""
