@@ -11,6 +11,7 @@ from loom import __version__
 from loom.cli import agents as agents_cli
 from loom.cli import bench as bench_cli
 from loom.cli import data as data_cli
+from loom.cli import sources as sources_cli
 from loom.cli import store as store_cli
 from loom.cli.doctor import doctor
 from loom.cli.output import err_console
@@ -40,6 +41,7 @@ app = typer.Typer(
 )
 app.add_typer(store_cli.app, name="store")
 app.add_typer(data_cli.app, name="data")
+app.add_typer(sources_cli.app, name="sources")
 app.command("train")(train)
 app.command("doctor")(doctor)
 app.command("serve")(serve)
