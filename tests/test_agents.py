@@ -127,7 +127,13 @@ def test_the_agent_prompt_is_the_prompt_training_saw(
     agent = agents["intent"].agent
     assert agent.prompt.source == "training" and agent.warnings == []
     row = {"text": "buy b 9", "label": "B"}
-    example = to_example(row, RowFormat.fields, Templates(system_prompt=SYSTEM, input_template=INPUT, output_template=OUTPUT), "x:1", "r1")
+    example = to_example(
+        row,
+        RowFormat.fields,
+        Templates(system_prompt=SYSTEM, input_template=INPUT, output_template=OUTPUT),
+        "x:1",
+        "r1",
+    )
     trained = tokenize_examples([example], agent_engine.tokenizer, 512)[0]
     prompt_part = [t for t, lab in zip(trained.input_ids, trained.labels, strict=True) if lab == IGNORE]
     assert agent.prompt.token_ids(agent_engine.tokenizer, {"text": "buy b 9"}) == prompt_part
@@ -267,3 +273,98 @@ def test_run_many_goes_through_the_engine_as_one_burst(
     monkeypatch.setattr(agent_engine.scheduler, "_prefill", spy)
     results = agent.run_many([{"text": r["text"]} for r in ROWS[:6]])
     assert len(results) == 6 and sizes and sizes[0] == 6, sizes
+
+
+# ----------------------------------------------------------------- HTTP
+def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
+    agent_engine: Engine, tmp_path: Path
+) -> None:
+    agents = {
+        "intent": {"adapter": "intent", "fallback": [{"stub": {"intent": "A"}}]},
+        "critic": {
+            "system": "Score the draft.",
+            "input_template": "Draft: {draft}",
+            "output": {
+                "type": "json",
+                "schema": {
+                    "type": "object",
+                    "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5}},
+                    "required": ["score"],
+                    "additionalProperties": False,
+                },
+            },
+            "generation": {"max_tokens": 12},
+        },
+        "broken": {"adapter": "no-such-adapter"},
+    }
+    cfg = ServeConfig(agents_file=write_map(tmp_path, agents), max_queue=8)
+    with serve_in_thread(create_app(cfg, engine=agent_engine)) as url:
+        listed = {a["name"]: a for a in httpx.get(f"{url}/v1/agents").json()["data"]}
+        assert listed["intent"]["output"]["schema"]["properties"]["intent"]["enum"] == ["A", "B", "C"]
+        assert listed["broken"]["status"] == "unavailable" and "no-such-adapter" in listed["broken"]["error"]
+        one = httpx.post(f"{url}/v1/agents/intent/run", json={"input": {"text": "ask a"}}).json()
+        assert one["output"]["intent"] in "ABC" and one["model_version"] == {
+            "base": "tiny@v1",
+            "adapter": "intent@v1",
+        }
+        assert set(one) >= {
+            "output",
+            "raw",
+            "model_version",
+            "citations",
+            "fallback",
+            "confidence",
+            "warnings",
+            "usage",
+        }
+        critic = httpx.post(f"{url}/v1/agents/critic/run", json={"input": {"draft": "x"}}).json()
+        assert 1 <= critic["output"]["score"] <= 5 and critic["model_version"]["adapter"] is None
+        batch = httpx.post(
+            f"{url}/v1/agents/intent/run", json={"inputs": [{"text": r["text"]} for r in ROWS]}
+        ).json()
+        assert len(batch["data"]) == len(ROWS) and all(r["output"]["intent"] in "ABC" for r in batch["data"])
+
+        good: list[httpx.Response] = []
+        worker = threading.Thread(
+            target=lambda: good.append(
+                httpx.post(f"{url}/v1/agents/intent/run", json={"input": {"text": "buy b"}}, timeout=60)
+            )
+        )
+        worker.start()
+        bad = {
+            "wrong type": httpx.post(f"{url}/v1/agents/intent/run", json={"input": {"text": [1]}}),
+            "missing field": httpx.post(
+                f"{url}/v1/agents/intent/run", json={"inputs": [{"text": "a"}, {"txt": "b"}]}
+            ),
+            "unknown agent": httpx.post(f"{url}/v1/agents/nope/run", json={"input": {"text": "a"}}),
+            "unavailable": httpx.post(f"{url}/v1/agents/broken/run", json={"input": {"text": "a"}}),
+            "oversized batch": httpx.post(
+                f"{url}/v1/agents/intent/run", json={"inputs": [{"text": "a"}] * 300}
+            ),
+            "both": httpx.post(
+                f"{url}/v1/agents/intent/run", json={"input": {"text": "a"}, "inputs": [{"text": "a"}]}
+            ),
+        }
+        worker.join(60)
+        codes = {k: (r.status_code, r.json()["error"]["message"]) for k, r in bad.items()}
+        assert codes["wrong type"][0] == 400 and "input.text: [1] is not of type" in codes["wrong type"][1]
+        assert (
+            codes["missing field"][0] == 400
+            and "inputs[1]: 'text' is a required property" in codes["missing field"][1]
+        )
+        assert codes["unknown agent"][0] == 404 and "no agent 'nope'" in codes["unknown agent"][1]
+        assert codes["unavailable"][0] == 503
+        assert codes["oversized batch"][0] == 400 and "inputs" in codes["oversized batch"][1]
+        assert codes["both"][0] == 400
+        assert good and good[0].status_code == 200 and good[0].json()["output"]["intent"] in "ABC"
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={
+                "model": "intent",
+                "messages": [{"role": "user", "content": "Intent of: ask a"}],
+                "max_tokens": 4,
+            },
+        )
+        assert chat.status_code == 200 and chat.json()["system_fingerprint"] == "intent@v1"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'loom_agent_runs_total{agent="intent",answered_by="adapter",confidence="high"}' in metrics
