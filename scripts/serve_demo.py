@@ -1,25 +1,31 @@
-"""Bring up ``loom serve`` on the store's default base with the ``snips-intent`` adapter, show
-requests answered through the OpenAI-compatible API, then stop the server gracefully.
+"""Bring up ``loom serve`` on the store's default base with the ``intent`` agent (the
+``snips-intent`` adapter), show it answering through ``POST /v1/agents/intent/run`` and requests
+through the OpenAI-compatible API, then stop the server gracefully.
 
-    python scripts/serve_demo.py [--adapter snips-intent] [--keep-serving]
+    python scripts/serve_demo.py [--adapter snips-intent] [--agents MAP] [--keep-serving]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
 from loom.serve.server import free_port, wait_healthy
 
+AGENT_MAP = Path(__file__).resolve().parents[1] / "examples" / "snips_intent" / "AGENT_MODEL_MAP.json"
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapter", default="snips-intent")
+    parser.add_argument("--agents", type=Path, default=AGENT_MAP, help="Agent map served at /v1/agents.")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument(
         "--keep-serving", action="store_true", help="Leave the server running (Ctrl-C stops)."
@@ -35,6 +41,8 @@ def main() -> int:
         str(port),
         "--preload",
         args.adapter,
+        "--agents",
+        str(args.agents),
         "--max-batch-size",
         "8",
         "--max-seq-len",
@@ -50,6 +58,15 @@ def main() -> int:
         print(f"healthy after {time.monotonic() - started:.1f} s: {url}", flush=True)
         with httpx.Client(base_url=url, timeout=120) as http:
             models = [m["id"] for m in http.get("/v1/models").json()["data"]]
+            for text in ("play the new Daft Punk album", "will it snow in Denver tomorrow?"):
+                r = http.post("/v1/agents/intent/run", json={"input": {"text": text}})
+                r.raise_for_status()
+                result = r.json()
+                print(f"POST /v1/agents/intent/run {json.dumps({'input': {'text': text}})}")
+                print(
+                    f"  output: {json.dumps(result['output'])}  model_version: {result['model_version']}  "
+                    f"answered by step {result['fallback']['step']} ({result['fallback']['kind']})"
+                )
             print("models:", ", ".join(models[:8]) + (" ..." if len(models) > 8 else ""))
             system = {"role": "system", "content": "You label voice-assistant requests."}
             for model, messages in (  # the adapter was trained on this system prompt and "Intent of: ..."

@@ -232,6 +232,21 @@ def test_invalid_json_after_one_repair_falls_back(agent_engine: Engine, tmp_path
     assert "output is not valid JSON (after one repair attempt)" in r.fallback.reasons[0]
 
 
+def test_the_repair_attempt_rescues_unconstrained_output(agent_engine: Engine, tmp_path: Path) -> None:
+    """Decoded without the grammar first, the random model's text is no JSON; the one repair
+    attempt (greedy, under the schema's grammar) answers on the agent's own step."""
+    entry = {
+        "adapter": "intent",
+        "output": {"constrained": False},
+        "generation": {"max_tokens": 16},
+        "fallback": [{"stub": {"intent": "C"}}],
+    }
+    results = load_agents(write_map(tmp_path, {"intent": entry}), engine=agent_engine)["intent"].run_many(
+        [{"text": r["text"]} for r in ROWS[:3]]
+    )
+    assert all(r.fallback.step == 0 and r.output["intent"] in "ABC" for r in results), results
+
+
 def test_low_confidence_answers_fall_back_and_the_first_is_kept_if_nothing_beats_it(
     agent_engine: Engine, tmp_path: Path
 ) -> None:
@@ -368,3 +383,33 @@ def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
         assert chat.status_code == 200 and chat.json()["system_fingerprint"] == "intent@v1"
         metrics = httpx.get(f"{url}/metrics").text
         assert 'loom_agent_runs_total{agent="intent",answered_by="adapter",confidence="high"}' in metrics
+
+
+# ----------------------------------------------------------------- CLI
+def test_cli_validates_lists_shows_and_runs(
+    agent_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from loom.cli.main import app
+
+    monkeypatch.setenv("LOOM_STORE", str(agent_store.url))
+    good = write_map(tmp_path, {"intent": {"adapter": "intent"}, "broken": {"adapter": "no-such"}})
+    runner = CliRunner()
+    bad = runner.invoke(app, ["agents", "validate", str(good)])
+    assert bad.exit_code == 2 and "✓ intent" in bad.output and "✗ broken" in bad.output
+    assert "1 of 2 agents" in bad.output
+    listed = json.loads(runner.invoke(app, ["agents", "ls", str(good), "--json"]).output)
+    assert {a["name"]: a["status"] for a in listed} == {"intent": "ok", "broken": "error"}
+    shown = json.loads(runner.invoke(app, ["agents", "show", "intent", "--map", str(good)]).output)
+    assert shown["system_prompt"] == SYSTEM and shown["output"]["schema"]["properties"]["intent"]["enum"]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "ask a"}\n\n{"text": "buy b"}\n')
+    ran = runner.invoke(
+        app, ["agents", "run", "intent", "--map", str(good), "--input-file", str(rows), "--json"]
+    )
+    assert ran.exit_code == 0, ran.output
+    results = [json.loads(line) for line in ran.output.splitlines() if line.startswith("{")]
+    assert len(results) == 2 and all(r["output"]["intent"] in "ABC" for r in results)
+    nope = runner.invoke(app, ["agents", "run", "intent", "--map", str(good), "--input", "[1]"])
+    assert nope.exit_code == 2 and "--input: expected a JSON object" in nope.output

@@ -44,15 +44,26 @@ class BoundAgent:
 
 
 class Agents(Mapping[str, BoundAgent]):
+    """The map's agents; one that failed its checks raises its error when asked for (the
+    others still run), and ``errors`` lists them."""
+
     def __init__(
-        self, agents: dict[str, Agent], runtime: AgentRuntime, source: str, engine: Engine | None = None
+        self,
+        agents: dict[str, Agent],
+        runtime: AgentRuntime,
+        source: str,
+        engine: Engine | None = None,
+        errors: dict[str, str] | None = None,
     ):
         self.agents, self.runtime, self.source, self.engine = agents, runtime, source, engine
+        self.errors = errors or {}
         self._bound = {name: BoundAgent(a, runtime) for name, a in agents.items()}
 
     def __getitem__(self, name: str) -> BoundAgent:
         bound = self._bound.get(name)
         if bound is None:
+            if name in self.errors:
+                raise LoomError(self.errors[name])
             raise LoomError(f"no agent {name!r} in {self.source}; agents: {sorted(self._bound) or 'none'}")
         return bound
 
@@ -87,10 +98,18 @@ def base_facts(engine: Engine | None, store: Store | None) -> BaseFacts:
 
 
 def build_agents(
-    doc: AgentMapFile, where: Path, engine: Engine | None, store: Store | None
-) -> dict[str, Agent]:
-    base = base_facts(engine, store)
-    return {name: build_agent(name, entry, store, base) for name, entry in doc.agents.items()}
+    doc: AgentMapFile, engine: Engine | None, store: Store | None, base: BaseFacts | None = None
+) -> tuple[dict[str, Agent], dict[str, str]]:
+    """Each agent checked against the store and the served base (``engine``'s, or ``base``
+    when checking without weights); failures by name."""
+    base = base or base_facts(engine, store)
+    agents, errors = {}, {}
+    for name, entry in doc.agents.items():
+        try:
+            agents[name] = build_agent(name, entry, store, base)
+        except LoomError as exc:
+            errors[name] = str(exc)
+    return agents, errors
 
 
 def load_recommended(doc: AgentMapFile, where: Path) -> dict[str, FallbackStep]:
@@ -131,8 +150,8 @@ def load_agents(
         store = store or Store()
         engine = Engine.from_store(store=store)
     store = store or engine.store
-    agents = build_agents(doc, where, engine, store)
-    return Agents(agents, runtime_for(doc, where, engine), str(where), engine)
+    agents, errors = build_agents(doc, engine, store)
+    return Agents(agents, runtime_for(doc, where, engine), str(where), engine, errors)
 
 
 def runtime_for(doc: AgentMapFile, where: Path, engine: Engine | None) -> AgentRuntime:

@@ -21,8 +21,8 @@ CHUNK = 32  # payloads per engine burst when running a file (the progress bar mo
 
 def _static(path: Path | None) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """The map checked against the store's default base, without loading any weights."""
-    from loom.agents.agent import BaseFacts, build_agent
-    from loom.agents.loader import find_map
+    from loom.agents.agent import BaseFacts
+    from loom.agents.loader import build_agents, find_map
     from loom.agents.spec import load_map_file
     from loom.store import Store
 
@@ -34,12 +34,7 @@ def _static(path: Path | None) -> tuple[Any, dict[str, Any], dict[str, str]]:
     if default is not None:
         resolved = store.resolve(default)
         base = BaseFacts(resolved.ref, resolved.manifest.base)
-    agents, errors = {}, {}
-    for name, entry in doc.agents.items():
-        try:
-            agents[name] = build_agent(name, entry, store, base)
-        except LoomError as exc:
-            errors[name] = str(exc)
+    agents, errors = build_agents(doc, None, store, base)
     return where, agents, errors
 
 

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from loom.agents.agent import Agent, build_agent
+from loom.agents.agent import Agent
 from loom.agents.backends import EngineBackend
 from loom.agents.cite import citation_hook, open_registry
-from loom.agents.loader import base_facts, load_recommended
+from loom.agents.loader import build_agents, load_recommended
 from loom.agents.runtime import AgentRuntime
 from loom.agents.spec import AgentMapFile, load_map_file
 from loom.engine import Engine
@@ -39,14 +39,9 @@ class ServedAgents:
     def build(self, engine: Engine, metrics: Metrics) -> None:
         if self.doc is None or self.path is None:
             return
-        store = engine.store
-        base = base_facts(engine, store)
-        for name, entry in self.doc.agents.items():
-            try:
-                self.agents[name] = build_agent(name, entry, store, base)
-            except Exception as exc:  # one bad agent must not stop the others being served
-                self.errors[name] = str(exc)
-                log.error("agent %s is not served: %s", name, exc)
+        self.agents, self.errors = build_agents(self.doc, engine, engine.store)
+        for name, error in self.errors.items():  # one bad agent does not stop the others
+            log.error("agent %s is not served: %s", name, error)
         registry = open_registry(self.doc, self.path)
         hook = citation_hook(self.doc, self.path, registry)
 
