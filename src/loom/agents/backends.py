@@ -58,7 +58,10 @@ class EngineBackend:
     def _request(self, job: ModelJob) -> Request:
         processor = None
         if job.schema is not None or job.json_mode:
-            processor = self.engine.json_processor(job.schema)
+            try:
+                processor = self.engine.json_processor(job.schema)
+            except Exception as exc:  # llguidance refuses some JSON-schema keywords (uniqueItems)
+                raise LoomError(f"the output schema cannot be decoded under a grammar: {exc}") from None
         return self.engine.submit(
             job.prompt_ids, adapter=job.adapter, params=job.params, logits_processor=processor, enqueue=False
         )

@@ -3,6 +3,7 @@ map's source registry; ids the registry does not know are logged and counted for
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,27 @@ from loom.agents.citations import ResolvedCitation, parse_citations, render_list
 from loom.agents.sources import SourceRegistry
 from loom.agents.spec import AgentMapFile
 
+log = logging.getLogger("loom.agents")
 CitationHook = Callable[[Any, str], list[dict[str, Any]]]
 
 
 def open_registry(doc: AgentMapFile, where: Path) -> SourceRegistry | None:
+    """The map's source registry; a missing one is logged (citations are then listed
+    unresolved), never a reason not to serve."""
     if not doc.sources:
         return None
     path = Path(doc.sources)
-    return SourceRegistry.open(path if path.is_absolute() else where.parent / path)
+    path = path if path.is_absolute() else where.parent / path
+    if not path.exists():
+        log.error(
+            "agent map %s: source registry %s does not exist; citations stay unresolved. Build it, "
+            "e.g. `loom sources build-squad %s --data ../shared/data/squad_qa/dev.jsonl`",
+            where,
+            path,
+            path,
+        )
+        return None
+    return SourceRegistry.open(path)
 
 
 def citation_hook(doc: AgentMapFile, where: Path, registry: SourceRegistry | None = None) -> CitationHook:

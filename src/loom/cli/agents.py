@@ -151,3 +151,31 @@ def _json_object(text: str, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise LoomError(f"{where}: expected a JSON object of the agent's input fields")
     return value
+
+
+@app.command("train")
+def train_example(
+    name: str = typer.Argument(..., help="Example agent: intent, qa_cited or re_ranker."),
+    data: Path | None = _O(
+        None, "--data", help="Shared data folder (default: $LOOM_DATA or ../shared/data)."
+    ),
+    out: Path = _O(Path("runs/agents"), "--out", help="Where derived data and the prepared config go."),
+    max_steps: int | None = _O(None, "--max-steps", help="Override the example's steps (smoke runs)."),
+    as_json: bool = _O(False, "--json", help="Print the training summary as JSON."),
+) -> None:
+    """Train one of the example agents (examples/agents) with `loom train` and publish it."""
+    from loom.agents.examples import prepare
+    from loom.cli.output import err_console
+    from loom.cli.train import _report
+    from loom.store import Store
+    from loom.train.config import load_config
+    from loom.train.run import train as run_train
+
+    config = prepare(name, data, out)
+    err_console.print(f"training {name} from {config}", highlight=False)
+    cfg = load_config(config, {"max_steps": max_steps})
+    result = run_train(cfg, Store(), err_console)
+    if as_json:
+        print_json(result.summary)
+    else:
+        _report(result)
