@@ -343,7 +343,7 @@ def test_damaged_adapter_file_is_refused_while_others_run(
     fine = engine.submit(PROMPTS[1], params=params)
     bad_done, fine_done = Engine._wait(bad), Engine._wait(fine)
     assert bad_done.finish_reason == "error" and "checksum" in (bad_done.error or "")
-    assert bad_done.error_kind == "adapter" and "loom store verify" in (bad_done.error or "")
+    assert bad_done.error_kind == "adapter_store" and "loom store verify" in (bad_done.error or "")
     assert fine_done.error is None and len(fine_done.token_ids) == 4
     with pytest.raises(LoomError, match="checksum"):
         engine.load_adapter("fragile@v1")
