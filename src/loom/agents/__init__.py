@@ -1,0 +1,1 @@
+"""Agents: task-specialised adapters with their prompts, outputs and citations."""
