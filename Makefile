@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 export LOOM_STORE ?= $(CURDIR)/.loom-store
 
-.PHONY: setup run test lint clean
+.PHONY: setup run agents test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ run: setup
 	$(BIN)/loom store verify
 	$(BIN)/loom store show snips-intent > /dev/null 2>&1 || $(BIN)/loom train $(DEMO_TRAIN)
 	$(BIN)/python scripts/serve_demo.py --adapter snips-intent
+
+# The three example agents (examples/agents/README.md): derive their data, train and publish
+# each (up to ~30 min apiece on 2 CPU cores), then measure them on the dev splits.
+AGENTS ?= intent qa_cited re_ranker
+agents: setup
+	$(BIN)/loom store import-base --default --if-missing
+	for a in $(AGENTS); do $(BIN)/loom train --config "$$($(BIN)/python -m loom.agents.examples prepare $$a)" || exit 1; done
+	$(BIN)/python benchmarks/agents_quality.py --agents $(AGENTS)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts
