@@ -37,12 +37,17 @@ run: setup
 	$(BIN)/python scripts/serve_demo.py --adapter snips-intent
 
 # The three example agents (examples/agents/README.md): derive their data, train and publish
-# each (up to ~30 min apiece on 2 CPU cores), then measure them on the dev splits.
+# each (up to ~30 min apiece on 2 CPU cores), build qa_cited's source registry, then measure
+# them through a running `loom serve` (POST /v1/agents/{name}/run) on the dev splits.
 AGENTS ?= intent qa_cited re_ranker
+LOOM_DATA ?= $(CURDIR)/../shared/data
 agents: setup
 	$(BIN)/loom store import-base --default --if-missing
-	for a in $(AGENTS); do $(BIN)/loom train --config "$$($(BIN)/python -m loom.agents.examples prepare $$a)" || exit 1; done
-	$(BIN)/python benchmarks/agents_quality.py --agents $(AGENTS)
+	for a in $(AGENTS); do $(BIN)/loom agents train $$a --data "$(LOOM_DATA)" || exit 1; done
+	$(BIN)/loom sources build-squad examples/agents/squad_sources.sqlite \
+		--data "$(LOOM_DATA)/squad_qa/train.jsonl" --data "$(LOOM_DATA)/squad_qa/dev.jsonl"
+	$(BIN)/loom agents validate examples/agents/AGENT_MODEL_MAP.json
+	$(BIN)/python benchmarks/agents_serve.py --agents $$(echo $(AGENTS) | tr ' ' ,)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts

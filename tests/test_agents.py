@@ -413,3 +413,13 @@ def test_cli_validates_lists_shows_and_runs(
     assert len(results) == 2 and all(r["output"]["intent"] in "ABC" for r in results)
     nope = runner.invoke(app, ["agents", "run", "intent", "--map", str(good), "--input", "[1]"])
     assert nope.exit_code == 2 and "--input: expected a JSON object" in nope.output
+
+
+def test_the_plan_serves_the_first_variant_the_device_offers(agent_store: Store) -> None:
+    from loom.serve.plan import plan_from_store
+
+    cfg = ServeConfig(base="tiny", device="cpu", variant_preference=["int8", "fp16", "bf16", "fp32"])
+    plan = plan_from_store(cfg, agent_store, [])
+    assert plan.dtype == "bfloat16"  # int8: not served yet; fp16: CUDA only
+    assert any("variant_preference" in n and "int8" in n for n in plan.notes), plan.notes
+    assert plan_from_store(ServeConfig(base="tiny", device="cpu"), agent_store, []).dtype == "float32"

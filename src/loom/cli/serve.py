@@ -113,7 +113,9 @@ def serve(
         require_keys=require_keys,
     )
     if dry_run:
-        refs = [*cfg.preload, *ServedAgents(agents).adapters()]
+        served = ServedAgents(agents)
+        refs = [*cfg.preload, *served.adapters()]
+        cfg.variant_preference = served.variant_preference()
         if stub:
             engine, plan = stub_engine(cfg)
             engine.shutdown()

@@ -30,6 +30,12 @@ class ServedAgents:
         self.runtime: AgentRuntime | None = None
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="loom-agents")
 
+    def variant_preference(self) -> list[str]:
+        """The first agent's that states one (one base is served in one variant for all)."""
+        if self.doc is None:
+            return []
+        return next((e.variant_preference for e in self.doc.agents.values() if e.variant_preference), [])
+
     def adapters(self) -> list[str]:
         """The adapters the map names (preloaded and pinned at start-up)."""
         if self.doc is None:

@@ -38,6 +38,8 @@ def create_app(cfg: ServeConfig, store: Store | None = None, engine: Engine | No
         log.warning("\n%s\n!!! SECURITY: %s\n%s", "!" * 78, warning, "!" * 78)
     service = Service(cfg)
     service.agents = ServedAgents(cfg.agents_file)  # a bad map stops here, before any loading
+    if not cfg.variant_preference:
+        cfg.variant_preference = service.agents.variant_preference()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

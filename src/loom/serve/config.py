@@ -17,6 +17,9 @@ class ServeConfig:
     allow_quantized: bool = False
     preload: list[str] = field(default_factory=list)
     agents_file: Path | None = None
+    # the agent map's variant_preference (e.g. ["bf16", "fp32"]): with --dtype auto, the plan serves
+    # the first of these the device and the base's manifest offer
+    variant_preference: list[str] = field(default_factory=list)
     # engine sizing (None: decided by the plan from the manifests and the device's memory)
     max_batch_size: int = 32
     max_seq_len: int = 1024

@@ -124,8 +124,23 @@ def choose_variant(info: BaseInfo, cfg: ServeConfig, device: torch.device) -> tu
                     return variant, torch.bfloat16
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise LoomError(f"--dtype {cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    dtype = pick_dtype(cfg.dtype, device)
+    preferred = preferred_dtype(cfg, device) if cfg.dtype == "auto" else None
+    dtype = preferred or pick_dtype(cfg.dtype, device)
     return VARIANT_OF_DTYPE[dtype], dtype
+
+
+# the agent map's variant names -> the float dtypes the engine serves them in
+FLOAT_VARIANTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def preferred_dtype(cfg: ServeConfig, device: torch.device) -> torch.dtype | None:
+    """The first of the agents' ``variant_preference`` this device serves (fp16 on CUDA only;
+    int8/int4/nf4 are skipped: the engine serves float weights only for now)."""
+    for variant in cfg.variant_preference:
+        dtype = FLOAT_VARIANTS.get(variant)
+        if dtype is not None and (dtype != torch.float16 or device.type == "cuda"):
+            return dtype
+    return None
 
 
 def make_plan(
@@ -244,6 +259,13 @@ def make_plan(
         )
     if variant in QUANTIZED_ORDER:
         notes.append(f"{variant}: quantized weights chosen (--quantize, CUDA, bitsandbytes installed)")
+    if cfg.variant_preference and cfg.dtype == "auto" and variant not in QUANTIZED_ORDER:
+        skipped = [v for v in cfg.variant_preference if v not in FLOAT_VARIANTS]
+        notes.append(
+            f"{variant}: the first of the agent map's variant_preference {cfg.variant_preference} this "
+            f"device serves"
+            + (f" ({', '.join(skipped)}: quantized, not served by the engine yet)" if skipped else "")
+        )
     return plan
 
 
