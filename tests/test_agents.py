@@ -384,6 +384,22 @@ def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
         metrics = httpx.get(f"{url}/metrics").text
         assert 'loom_agent_runs_total{agent="intent",answered_by="adapter",confidence="high"}' in metrics
 
+        remote = load_agents(url=url)  # the same results, run by the server
+        answered = remote["intent"].run({"text": "ask a"})
+        assert answered.model_version["adapter"] == "intent@v1" and answered.output["intent"] in "ABC"
+        assert [r.fallback.step for r in remote["intent"].run_many([{"text": "a"}, {"text": "b"}])] == [0, 0]
+        with pytest.raises(LoomError, match="400 agent 'intent': input.text"):
+            remote["intent"].run({"text": [1]})
+
+        # a remote Loom as a fallback endpoint: this server's chat route, model = the agent
+        relay = {"adapter": "intent", "fallback": [{"endpoint": url, "model": "intent"}]}
+        local = load_agents(write_map(tmp_path, {"relay": relay}), engine=agent_engine)["relay"]
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("RELAY_DISABLE_ADAPTER", "1")
+            relayed = local.run({"text": "call c"})
+        assert (relayed.fallback.step, relayed.fallback.kind) == (1, "endpoint")
+        assert relayed.output["intent"] in "ABC" and relayed.model_version["model"] == "intent"
+
 
 # ----------------------------------------------------------------- CLI
 def test_cli_validates_lists_shows_and_runs(

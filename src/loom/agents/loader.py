@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from loom.agents.agent import Agent, BaseFacts, build_agent
+from loom.agents.remote import RemoteAgents
 from loom.agents.result import AgentResult
 from loom.agents.runtime import AgentRuntime
 from loom.agents.spec import (
@@ -136,14 +137,28 @@ def load_recommended(doc: AgentMapFile, where: Path) -> dict[str, FallbackStep]:
     return out
 
 
+@overload
+def load_agents(
+    path: Path | str | None = None, *, engine: Engine | None = None, store: Store | None = None
+) -> Agents: ...
+
+
+@overload
+def load_agents(path: None = None, *, url: str, api_key: str | None = None) -> RemoteAgents: ...
+
+
 def load_agents(
     path: Path | str | None = None,
     *,
     engine: Engine | None = None,
     store: Store | None = None,
-) -> Agents:
+    url: str | None = None,
+    api_key: str | None = None,
+) -> Agents | RemoteAgents:
     """The agents of a map, checked and ready to run on ``engine`` (default: an engine on the
-    store's default base, started here)."""
+    store's default base, started here); or, with ``url``, those a Loom server runs."""
+    if url is not None:
+        return RemoteAgents(url, api_key)
     where = find_map(path)
     doc = load_map_file(where)
     if engine is None:
