@@ -292,7 +292,7 @@ def test_run_many_goes_through_the_engine_as_one_burst(
 
 # ----------------------------------------------------------------- HTTP
 def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
-    agent_engine: Engine, tmp_path: Path
+    agent_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     agents = {
         "intent": {"adapter": "intent", "fallback": [{"stub": {"intent": "A"}}]},
@@ -311,8 +311,18 @@ def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
             "generation": {"max_tokens": 12},
         },
         "broken": {"adapter": "no-such-adapter"},
+        "cited": {  # its adapter disabled: the stub answers, citing a known and an unknown source
+            "adapter": "intent",
+            "output": {"type": "text"},
+            "fallback": [{"stub": "Paris <<SRC:wiki:Paris>>, not <<SRC:wiki:Nowhere>>."}],
+        },
     }
-    cfg = ServeConfig(agents_file=write_map(tmp_path, agents), max_queue=8)
+    registry = tmp_path / "sources.json"
+    registry.write_text(
+        json.dumps({"wiki:Paris": {"name": "Paris", "url": "https://en.wikipedia.org/wiki/Paris"}})
+    )
+    monkeypatch.setenv("CITED_DISABLE_ADAPTER", "1")
+    cfg = ServeConfig(agents_file=write_map(tmp_path, agents, sources=str(registry)), max_queue=8)
     with serve_in_thread(create_app(cfg, engine=agent_engine)) as url:
         listed = {a["name"]: a for a in httpx.get(f"{url}/v1/agents").json()["data"]}
         assert listed["intent"]["output"]["schema"]["properties"]["intent"]["enum"] == ["A", "B", "C"]
@@ -381,8 +391,24 @@ def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
             },
         )
         assert chat.status_code == 200 and chat.json()["system_fingerprint"] == "intent@v1"
+        cited = httpx.post(f"{url}/v1/agents/cited/run", json={"input": {"text": "capital?"}}).json()
+        assert cited["output"] == "Paris, not." and cited["fallback"]["kind"] == "stub"
+        assert [(c["id"], c["known"], c["url"]) for c in cited["citations"]] == [
+            ("wiki:Paris", True, "https://en.wikipedia.org/wiki/Paris"),
+            ("wiki:Nowhere", False, None),
+        ]
+        assert cited["markdown"].startswith(
+            "Paris [Paris](https://en.wikipedia.org/wiki/Paris), not [wiki:Nowhere]"
+        )
         metrics = httpx.get(f"{url}/metrics").text
         assert 'loom_agent_runs_total{agent="intent",answered_by="adapter",confidence="high"}' in metrics
+        assert 'loom_citations_unknown_sources_total{agent="cited"} 1.0' in metrics
+        from typer.testing import CliRunner
+
+        from loom.cli.main import app
+
+        unknown = CliRunner().invoke(app, ["sources", "unknown", "--registry", str(registry), "--json"])
+        assert [(u["id"], u["count"]) for u in json.loads(unknown.output)] == [("wiki:Nowhere", 1)]
 
         remote = load_agents(url=url)  # the same results, run by the server
         answered = remote["intent"].run({"text": "ask a"})

@@ -5,15 +5,32 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loom.agents.citations import ResolvedCitation, parse_citations, render_list, unique_citations
+from loom.agents.citations import (
+    ResolvedCitation,
+    parse_citations,
+    render_list,
+    render_markdown,
+    unique_citations,
+)
 from loom.agents.sources import SourceRegistry
 from loom.agents.spec import AgentMapFile
 
 log = logging.getLogger("loom.agents")
-CitationHook = Callable[[Any, str], list[dict[str, Any]]]
+
+
+@dataclass
+class Cited:
+    """What an answer cites: one entry per source, and the answer with markdown links."""
+
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    markdown: str | None = None  # None when nothing is cited
+
+
+CitationHook = Callable[[Any, str], Cited]
 
 
 def open_registry(doc: AgentMapFile, where: Path) -> SourceRegistry | None:
@@ -38,16 +55,17 @@ def open_registry(doc: AgentMapFile, where: Path) -> SourceRegistry | None:
 def citation_hook(doc: AgentMapFile, where: Path, registry: SourceRegistry | None = None) -> CitationHook:
     registry = registry or open_registry(doc, where)
 
-    def cite(agent: Any, raw: str) -> list[dict[str, Any]]:
+    def cite(agent: Any, raw: str) -> Cited:
         found = unique_citations(parse_citations(raw))
         if not found:
-            return []
+            return Cited()
         if registry is None:  # no registry: the ids as cited, none known
-            return render_list(ResolvedCitation(c, None) for c in found)
-        resolved = registry.resolve(found)
-        unknown = [r.source_id for r in resolved if not r.known]
-        if unknown:
-            registry.record_unknown(unknown, agent.name)
-        return render_list(resolved)
+            resolved = [ResolvedCitation(c, None) for c in found]
+        else:
+            resolved = registry.resolve(found)
+            unknown = [r.source_id for r in resolved if not r.known]
+            if unknown:
+                registry.record_unknown(unknown, agent.name)
+        return Cited(render_list(resolved), render_markdown(raw, resolved))
 
     return cite

@@ -27,6 +27,7 @@ class AgentResult:
     latency_s: float
     fallback: Answered
     citations: list[dict[str, Any]] = field(default_factory=list)
+    markdown: str | None = None  # the raw answer with its citations as markdown links
     confidence: dict[str, Any] = field(default_factory=lambda: {"level": "high", "reasons": []})
     warnings: list[str] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})

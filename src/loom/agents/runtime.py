@@ -15,6 +15,8 @@ from typing import Any
 
 from loom.agents.agent import Agent
 from loom.agents.backends import EngineBackend, ModelJob, endpoint_step, python_step
+from loom.agents.citations import strip_citations
+from loom.agents.cite import CitationHook, Cited
 from loom.agents.result import AgentFailed, AgentResult, Answered, Generated
 from loom.agents.spec import FallbackStep
 from loom.engine import SamplingParams
@@ -47,11 +49,11 @@ class AgentRuntime:
         self,
         backend: EngineBackend | None,
         recommended: dict[str, FallbackStep] | None = None,
-        on_citations: Callable[[Agent, str], list[dict[str, Any]]] | None = None,
+        on_citations: CitationHook | None = None,
     ) -> None:
         self.backend = backend
         self.recommended = recommended or {}
-        self.on_citations = on_citations or (lambda _a, _raw: [])
+        self.on_citations: CitationHook = on_citations or (lambda _a, _raw: Cited())
 
     def run(self, agent: Agent, payload: dict[str, Any]) -> AgentResult:
         result = self.run_many(agent, [payload])[0]
@@ -210,8 +212,8 @@ class AgentRuntime:
                 else f"{label}: {problem}"
             )
             return None
-        citations = self.on_citations(agent, gen.text)
-        low = _low_confidence(agent, gen.text, citations)
+        cited = self.on_citations(agent, gen.text)
+        low = _low_confidence(agent, gen.text, cited.sources)
         model_version: dict[str, str | None] = {"base": None, "adapter": None}
         if step.kind in ("adapter", "base"):
             model_version = {"base": self.backend.base_ref if self.backend else None, "adapter": version}
@@ -228,7 +230,8 @@ class AgentRuntime:
             model_version=model_version,
             latency_s=round(time.monotonic() - started, 4),
             fallback=Answered(number, step.kind, ref, prior),
-            citations=citations,
+            citations=cited.sources,
+            markdown=cited.markdown,
             confidence={"level": "low" if low else "high", "reasons": low},
             warnings=list(agent.warnings),
             usage={"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens},
@@ -248,8 +251,8 @@ class AgentRuntime:
 
 
 def _parse(agent: Agent, raw: str) -> tuple[Any, str | None]:
-    if agent.output_type != "json":
-        return raw.strip(), None
+    if agent.output_type != "json":  # the answer without its markers (``citations`` lists them)
+        return strip_citations(raw).strip(), None
     try:
         value = json.loads(raw)
     except ValueError:

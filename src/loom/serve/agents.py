@@ -11,7 +11,7 @@ from typing import Any
 
 from loom.agents.agent import Agent
 from loom.agents.backends import EngineBackend
-from loom.agents.cite import citation_hook, open_registry
+from loom.agents.cite import Cited, citation_hook, open_registry
 from loom.agents.loader import build_agents, load_recommended
 from loom.agents.runtime import AgentRuntime
 from loom.agents.spec import AgentMapFile, load_map_file
@@ -51,12 +51,12 @@ class ServedAgents:
         registry = open_registry(self.doc, self.path)
         hook = citation_hook(self.doc, self.path, registry)
 
-        def cite(agent: Any, raw: str) -> list[dict[str, Any]]:
-            found = hook(agent, raw)
-            unknown = sum(1 for c in found if not c.get("known", True))
+        def cite(agent: Any, raw: str) -> Cited:
+            cited = hook(agent, raw)
+            unknown = sum(1 for c in cited.sources if not c["known"])
             if unknown:
                 metrics.unknown_citations.labels(agent.name).inc(unknown)
-            return found
+            return cited
 
         self.runtime = AgentRuntime(EngineBackend(engine), load_recommended(self.doc, self.path), cite)
 
