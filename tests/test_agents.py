@@ -414,7 +414,7 @@ def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
         answered = remote["intent"].run({"text": "ask a"})
         assert answered.model_version["adapter"] == "intent@v1" and answered.output["intent"] in "ABC"
         assert [r.fallback.step for r in remote["intent"].run_many([{"text": "a"}, {"text": "b"}])] == [0, 0]
-        with pytest.raises(LoomError, match="400 agent 'intent': input.text"):
+        with pytest.raises(LoomError, match=r"400 agent 'intent': input\.text"):
             remote["intent"].run({"text": [1]})
 
         # a remote Loom as a fallback endpoint: this server's chat route, model = the agent
