@@ -190,6 +190,44 @@ def test_a_changed_chat_template_is_refused_unless_the_map_allows_it(
     assert any("allowed by the map" in w for w in agent.warnings)
 
 
+def test_prompts_of_adapters_trained_without_a_chat_template_or_overridden(agent_engine: Engine) -> None:
+    from loom.agents.prompting import agent_prompt
+    from loom.agents.spec import AgentEntry
+
+    tok = agent_engine.tokenizer
+    plain = tok.__class__.from_pretrained(tok.name_or_path)
+    plain.chat_template = None  # a base without a chat template: training used a prompt format
+    entry = AgentEntry(adapter="x")
+    for recorded in (None, "Q: {prompt}\nA: "):
+        prompting = {"uses_chat_template": False, "prompt_template": recorded, "format": "prompt_response"}
+        prompt = agent_prompt("x", entry, {"prompting": prompting}, None)
+        example = to_example(
+            {"prompt": "hi there", "response": "ok"}, RowFormat.auto, Templates(), "x:1", "r"
+        )
+        trained = tokenize_examples([example], plain, 512, recorded)[0]
+        want = [t for t, lab in zip(trained.input_ids, trained.labels, strict=True) if lab == IGNORE]
+        assert prompt.token_ids(tok, {"prompt": "hi there"}) == want, recorded
+        assert prompt.fields == ["prompt"]  # prompt/response rows: no input template applied
+    prompting = {
+        "uses_chat_template": True,
+        "system_prompt": "A",
+        "input_template": "T: {text}",
+        "output_template": "{label}",
+        "format": "fields",
+    }
+    over = AgentEntry(adapter="x", prompt={"system": "B"})
+    prompt = agent_prompt("x", over, {"prompting": prompting}, None)
+    assert prompt.system == "B" and prompt.input_template == "T: {text}" and prompt.source == "map"
+    assert prompt.warnings == ("system prompt overridden by the map (the adapter was trained with another)",)
+
+
+def test_a_legacy_step_may_not_name_another(agent_engine: Engine, tmp_path: Path) -> None:
+    (tmp_path / "AGENT_MODEL_RECOMMENDED.json").write_text(json.dumps({"loop": {"legacy": "loop"}}))
+    entry = {"adapter": "intent", "fallback": [{"legacy": "loop"}]}
+    with pytest.raises(LoomError, match="legacy 'loop' names another legacy step"):
+        load_agents(write_map(tmp_path, {"intent": entry}), engine=agent_engine)
+
+
 # ----------------------------------------------------------------- fallbacks
 def run_one(
     tmp_path: Path, engine: Engine, entry: dict[str, Any], payload: dict[str, Any], **top: Any
@@ -203,7 +241,7 @@ def test_disabled_adapter_goes_down_the_chain(
     monkeypatch.setenv("INTENT_DISABLE_MISTRAL", "1")  # the legacy spelling
     r = run_one(tmp_path, agent_engine, {"adapter": "intent", "fallback": ["base"]}, {"text": "ask a"})
     assert (r.fallback.step, r.fallback.kind) == (1, "base") and r.model_version["adapter"] is None
-    assert "disabled by INTENT_DISABLE_ADAPTER" in r.fallback.reasons[0]
+    assert "disabled by INTENT_DISABLE_MISTRAL" in r.fallback.reasons[0]
     assert r.output["intent"] in "ABC"  # the base runs under the same schema and prompt
 
 
@@ -222,7 +260,7 @@ def test_missing_adapter_and_a_failing_tool_fall_through_to_python(
     assert (r.fallback.step, r.fallback.kind, r.output) == (3, "legacy", {"intent": "B"})
     reasons = r.fallback.reasons
     assert "step 1 (adapter ghost@v9): adapter:" in reasons[1] and "ghost" in reasons[1]
-    assert "RuntimeError: legacy system down" in reasons[2]
+    assert "python helpers:failing_fallback raised RuntimeError" in reasons[2]
 
 
 def test_invalid_json_after_one_repair_falls_back(agent_engine: Engine, tmp_path: Path) -> None:
@@ -256,8 +294,9 @@ def test_low_confidence_answers_fall_back_and_the_first_is_kept_if_nothing_beats
     assert r.fallback.step == 2 and r.confidence["level"] == "high" and r.citations
     assert any("low confidence (hedges ('might be')" in x for x in r.fallback.reasons)
     only_low = {**text, "fallback": [{"stub": "I'm not sure."}]}
-    r = run_one(tmp_path, agent_engine, only_low, {"text": "?"})
-    assert r.confidence["level"] == "low" and r.fallback.step >= 0
+    r = run_one(tmp_path, agent_engine, only_low, {"text": "?"})  # both steps low: the first is kept
+    assert r.confidence["level"] == "low" and r.fallback.step == 0 and r.raw != "I'm not sure."
+    assert len(r.fallback.reasons) == 2 and "step 1 (stub): low confidence (hedges" in r.fallback.reasons[1]
 
 
 def test_a_remote_endpoint_that_is_down_falls_through_and_a_spent_chain_says_why(
@@ -311,6 +350,7 @@ def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
             "generation": {"max_tokens": 12},
         },
         "broken": {"adapter": "no-such-adapter"},
+        "flaky": {"adapter": "intent", "fallback": [{"endpoint": "http://127.0.0.1:9", "timeout_s": 2}]},
         "cited": {  # its adapter disabled: the stub answers, citing a known and an unknown source
             "adapter": "intent",
             "output": {"type": "text"},
@@ -322,6 +362,7 @@ def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
         json.dumps({"wiki:Paris": {"name": "Paris", "url": "https://en.wikipedia.org/wiki/Paris"}})
     )
     monkeypatch.setenv("CITED_DISABLE_ADAPTER", "1")
+    monkeypatch.setenv("FLAKY_DISABLE_ADAPTER", "1")  # its whole chain fails: per-item errors
     cfg = ServeConfig(agents_file=write_map(tmp_path, agents, sources=str(registry)), max_queue=8)
     with serve_in_thread(create_app(cfg, engine=agent_engine)) as url:
         listed = {a["name"]: a for a in httpx.get(f"{url}/v1/agents").json()["data"]}
@@ -366,12 +407,18 @@ def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
             "oversized batch": httpx.post(
                 f"{url}/v1/agents/intent/run", json={"inputs": [{"text": "a"}] * 300}
             ),
+            "over capacity": httpx.post(f"{url}/v1/agents/intent/run", json={"inputs": [{"text": "a"}] * 20}),
+            "failing batch": httpx.post(f"{url}/v1/agents/flaky/run", json={"inputs": [{"text": "a"}] * 3}),
             "both": httpx.post(
                 f"{url}/v1/agents/intent/run", json={"input": {"text": "a"}, "inputs": [{"text": "a"}]}
             ),
         }
         worker.join(60)
+        failing = bad.pop("failing batch")
+        assert failing.status_code == 200
+        assert all("endpoint http://127.0.0.1:9 unreachable" in r["error"] for r in failing.json()["data"])
         codes = {k: (r.status_code, r.json()["error"]["message"]) for k, r in bad.items()}
+        assert codes["over capacity"][0] == 400 and "admits at once (16)" in codes["over capacity"][1]
         assert codes["wrong type"][0] == 400 and "input.text: [1] is not of type" in codes["wrong type"][1]
         assert (
             codes["missing field"][0] == 400

@@ -103,7 +103,7 @@ class Agent:
             "input_template": self.prompt.input_template,
             "input_schema": self.input_schema,
             "output": {"type": self.output_type, "schema": self.output_schema},
-            "fallback": [s.kind + (f" {_step_ref(s)}" if _step_ref(s) else "") for s in self.entry.fallback],
+            "fallback": [s.kind + (f" {s.ref}" if s.ref else "") for s in self.entry.fallback],
             "variant": self.variant,
             "warnings": self.warnings,
         }
@@ -118,10 +118,6 @@ class Agent:
         self._output_validator: Draft202012Validator | None = (
             check_schema(self.output_schema, f"agent {self.name!r} output") if self.output_schema else None
         )
-
-
-def _step_ref(step: FallbackStep) -> str | None:
-    return step.adapter or step.python or step.legacy or step.endpoint
 
 
 def build_agent(name: str, entry: AgentEntry, store: Store | None, base: BaseFacts) -> Agent:

@@ -3,16 +3,10 @@ OpenAI-compatible endpoints (a remote Loom)."""
 
 from __future__ import annotations
 
-import importlib
-import json
-import os
 import queue
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import httpx
 
 from loom.agents.result import Generated
 from loom.engine import Engine, SamplingParams
@@ -81,55 +75,3 @@ class EngineBackend:
     @property
     def base_ref(self) -> str | None:
         return self.engine.base_ref
-
-
-def python_step(entry_point: str) -> Callable[[dict[str, Any], str], Generated]:
-    """``module:function(payload, agent) -> str | dict`` as a step (the "live tool call")."""
-    module, _, attr = entry_point.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise LoomError(
-            f"fallback python {entry_point!r} cannot be imported ({exc}); check the module path"
-        ) from None
-
-    def run(payload: dict[str, Any], agent: str) -> Generated:
-        answer = fn(payload, agent)
-        return Generated(answer if isinstance(answer, str) else json.dumps(answer))
-
-    return run
-
-
-def endpoint_step(
-    url: str, model: str, api_key_env: str | None, timeout_s: float
-) -> Callable[[list[dict[str, str]], dict[str, Any] | None], Generated]:
-    """An OpenAI-compatible chat endpoint (a remote Loom: ``model`` names the agent there, and
-    that server adds the agent's own system prompt)."""
-    key = os.environ.get(api_key_env) if api_key_env else None
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-
-    def run(messages: list[dict[str, str]], schema: dict[str, Any] | None) -> Generated:
-        body: dict[str, Any] = {"model": model, "messages": messages, "temperature": 0}
-        if schema is not None:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": schema},
-            }
-        try:
-            r = httpx.post(
-                f"{url.rstrip('/')}/v1/chat/completions", json=body, headers=headers, timeout=timeout_s
-            )
-        except httpx.HTTPError as exc:
-            return Generated("", error=f"endpoint {url} unreachable: {exc}", error_kind="endpoint")
-        if r.status_code != 200:
-            return Generated("", error=f"endpoint {url} answered {r.status_code}", error_kind="endpoint")
-        data = r.json()
-        usage = data.get("usage") or {}
-        return Generated(
-            data["choices"][0]["message"]["content"] or "",
-            adapter=data.get("model"),
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-        )
-
-    return run

@@ -134,6 +134,11 @@ def load_recommended(doc: AgentMapFile, where: Path) -> dict[str, FallbackStep]:
             out[name] = FallbackStep.model_validate(spec)
         except ValueError as exc:
             raise LoomError(f"{path}: legacy {name!r}: {exc}") from None
+        if out[name].legacy is not None:  # one level only: a chain of names could loop
+            raise LoomError(
+                f"{path}: legacy {name!r} names another legacy step; give the step itself "
+                "(python, endpoint, adapter, base or stub)"
+            )
     return out
 
 

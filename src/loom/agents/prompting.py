@@ -14,7 +14,7 @@ from typing import Any
 
 from loom.agents.spec import AgentEntry
 from loom.errors import LoomError
-from loom.train.tokenize import Renderer
+from loom.train.tokenize import DEFAULT_PROMPT_TEMPLATE, Renderer
 
 DEFAULT_INPUT_TEMPLATE = "{text}"
 
@@ -88,7 +88,7 @@ def agent_prompt(
             )
         warnings.append(f"{problem} (allowed by the map)")
     system = prompting.get("system_prompt")
-    template = prompting.get("input_template") or DEFAULT_INPUT_TEMPLATE
+    template = trained_input_template(prompting)
     if override is not None and override.system is not None and override.system != system:
         warnings.append("system prompt overridden by the map (the adapter was trained with another)")
         system = override.system
@@ -99,10 +99,20 @@ def agent_prompt(
         system,
         template,
         prompting.get("output_template"),
-        None if uses_chat else prompting.get("prompt_template"),
+        None if uses_chat else (prompting.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE),
         trained_sha,
         "training" if not warnings else "map",
         tuple(warnings),
+    )
+
+
+def trained_input_template(prompting: dict[str, Any]) -> str:
+    """The user message training built from a row: ``--input-template`` applies only to fields
+    rows (those with an output template); prompt/response and Alpaca rows were used as given."""
+    if prompting.get("output_template") or prompting.get("format") == "fields":
+        return str(prompting.get("input_template") or DEFAULT_INPUT_TEMPLATE)
+    return {"prompt_response": "{prompt}", "alpaca": "{instruction}"}.get(
+        str(prompting.get("format")), DEFAULT_INPUT_TEMPLATE
     )
 
 

@@ -5,23 +5,27 @@ one repair attempt, or a low-confidence answer."""
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import re
 import time
-from collections.abc import Callable
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from loom.agents.agent import Agent
-from loom.agents.backends import EngineBackend, ModelJob, endpoint_step, python_step
+from loom.agents.backends import EngineBackend, ModelJob
 from loom.agents.citations import strip_citations
 from loom.agents.cite import CitationHook, Cited
 from loom.agents.result import AgentFailed, AgentResult, Answered, Generated
 from loom.agents.spec import FallbackStep
+from loom.agents.tools import endpoint_call, python_call, run_calls
 from loom.engine import SamplingParams
 from loom.errors import LoomError
 
+log = logging.getLogger("loom.agents")
 MAX_BATCH = 256  # payloads per run_many call (HTTP batches are capped by the server too)
 
 
@@ -33,13 +37,14 @@ class _Item:
     low: AgentResult | None = None  # the first low-confidence answer, kept in case nothing beats it
 
 
-def disabled(agent: str) -> bool:
-    """``<AGENT>_DISABLE_ADAPTER=1`` (or the legacy ``<AGENT>_DISABLE_MISTRAL=1``)."""
+def disabled(agent: str) -> str | None:
+    """The switch that disables ``agent``'s adapter, if set: ``<AGENT>_DISABLE_ADAPTER=1`` or the
+    legacy ``<AGENT>_DISABLE_MISTRAL=1`` (AGENT: the name upper-cased, other characters as ``_``)."""
     prefix = re.sub(r"[^A-Za-z0-9]", "_", agent).upper()
-    return any(
-        os.environ.get(f"{prefix}_{s}", "") in ("1", "true", "yes")
-        for s in ("DISABLE_ADAPTER", "DISABLE_MISTRAL")
-    )
+    for suffix in ("DISABLE_ADAPTER", "DISABLE_MISTRAL"):
+        if os.environ.get(f"{prefix}_{suffix}", "").lower() in ("1", "true", "yes"):
+            return f"{prefix}_{suffix}"
+    return None
 
 
 class AgentRuntime:
@@ -75,7 +80,9 @@ class AgentRuntime:
             if not pending:
                 break
             pending = self._step(agent, number, step, pending, results, started)
-        for item in pending:  # the chain is spent
+        for item in pending:  # the chain is spent: the first low-confidence answer, else a failure
+            if item.low is not None:
+                item.low.fallback.reasons = list(item.reasons)
             results[item.index] = item.low or self._failure(agent, item, started)
         return [r for r in results if r is not None]
 
@@ -89,21 +96,22 @@ class AgentRuntime:
         results: list[AgentResult | None],
         started: float,
     ) -> list[_Item]:
-        ref = _ref(step)
-        label = f"step {number} ({step.kind}{' ' + ref if ref else ''})"
-        if number == 0 and step.kind == "adapter" and disabled(agent.name):
+        label = f"step {number} ({step.kind}{' ' + step.ref if step.ref else ''})"
+        switch = disabled(agent.name) if number == 0 and step.kind == "adapter" else None
+        if switch is not None:
             for item in items:
-                item.reasons.append(f"{label}: disabled by {agent.name.upper()}_DISABLE_ADAPTER")
+                item.reasons.append(f"{label}: disabled by {switch}")
             return items
         try:
-            answers = self._answers(agent, step, items)
+            target = self._target(step)
+            answers = self._answers(agent, target, items)
         except LoomError as exc:  # the step cannot run at all (unknown entry point, no engine)
             for item in items:
                 item.reasons.append(f"{label}: {exc}")
             return items
         left = []
         for item, (gen, version) in zip(items, answers, strict=True):
-            result = self._judge(agent, number, step, item, gen, version, started, label)
+            result = self._judge(agent, _Step(number, step, target, label), item, gen, version, started)
             if result is None or result.confidence["level"] == "low":
                 if result is not None and item.low is None:
                     item.low = result
@@ -112,40 +120,36 @@ class AgentRuntime:
                 results[item.index] = result
         return left
 
+    def _target(self, step: FallbackStep) -> FallbackStep:
+        """A legacy step is the step AGENT_MODEL_RECOMMENDED.json names for it."""
+        if step.legacy is None:
+            return step
+        target = self.recommended.get(step.legacy)
+        if target is None:
+            raise LoomError(f"legacy {step.legacy!r} is not in AGENT_MODEL_RECOMMENDED.json; add it there")
+        return target.model_copy(update={"timeout_s": step.timeout_s or target.timeout_s})
+
     def _answers(
         self, agent: Agent, step: FallbackStep, items: list[_Item]
     ) -> list[tuple[Generated, str | None]]:
-        kind = step.kind
-        if kind == "legacy":
-            assert step.legacy is not None
-            target = self.recommended.get(step.legacy)
-            if target is None:
-                raise LoomError(f"legacy {step.legacy!r} is not in AGENT_MODEL_RECOMMENDED.json")
-            return self._answers(agent, target, items)
-        if kind == "stub":
+        timeout = step.timeout_s or agent.entry.timeout_s
+        if step.stub is not None:
             text = step.stub if isinstance(step.stub, str) else json.dumps(step.stub)
             return [(Generated(text), None) for _ in items]
-        if kind == "python":
-            assert step.python is not None
-            fn = python_step(step.python)
-            return [(_guarded(fn, item.payload, agent.name), None) for item in items]
-        if kind == "endpoint":
-            assert step.endpoint is not None
-            call = endpoint_step(
-                step.endpoint,
-                step.model or agent.name,
-                step.api_key_env,
-                step.timeout_s or agent.entry.timeout_s,
-            )
+        if step.python is not None:
+            fn = python_call(step.python)
+            calls = [functools.partial(fn, item.payload, agent.name) for item in items]
+            return [(g, None) for g in run_calls(calls, timeout, f"python {step.python}")]
+        if step.endpoint is not None:
+            call = endpoint_call(step.endpoint, step.model or agent.name, step.api_key_env, timeout)
             schema = agent.output_schema if agent.output_type == "json" else None
-            return [
-                (call([{"role": "user", "content": agent.prompt.user_message(i.payload)}], schema), None)
-                for i in items
-            ]
-        return self._model_answers(agent, step, items)
+            msgs = [[{"role": "user", "content": agent.prompt.user_message(i.payload)}] for i in items]
+            calls = [functools.partial(call, m, schema) for m in msgs]
+            return [(g, None) for g in run_calls(calls, timeout, f"endpoint {step.endpoint}")]
+        return self._model_answers(agent, step, items, timeout)
 
     def _model_answers(
-        self, agent: Agent, step: FallbackStep, items: list[_Item]
+        self, agent: Agent, step: FallbackStep, items: list[_Item], timeout: float
     ) -> list[tuple[Generated, str | None]]:
         if self.backend is None:
             raise LoomError("no engine: this runtime answers with its non-model fallbacks only")
@@ -157,17 +161,23 @@ class AgentRuntime:
             except LoomError as exc:
                 return [(Generated("", error=str(exc), error_kind="adapter"), None) for _ in items]
         prompt = agent.prompt_for(version)
-        jobs = [self._job(agent, prompt.token_ids(engine.tokenizer, i.payload), version) for i in items]
-        timeout = step.timeout_s or agent.entry.timeout_s
-        out = self.backend.generate(jobs, timeout)
-        repair = [k for k, g in enumerate(out) if g.error is None and self._invalid(agent, g.text)]
+        out: list[Generated | None] = [None] * len(items)
+        jobs: dict[int, ModelJob] = {}
+        for k, item in enumerate(items):  # a payload whose prompt cannot be built fails alone
+            try:
+                jobs[k] = self._job(agent, prompt.token_ids(engine.tokenizer, item.payload), version)
+            except Exception as exc:
+                out[k] = Generated("", error=f"the prompt cannot be built: {exc}", error_kind="input")
+        for k, g in zip(jobs, self.backend.generate(list(jobs.values()), timeout), strict=True):
+            out[k] = g
+        repair = [k for k in jobs if _needs_repair(agent, out[k])]
         if repair:  # one repair attempt: greedy, under the schema's grammar, with room to finish
             again = self.backend.generate(
                 [self._job(agent, jobs[k].prompt_ids, version, repair=True) for k in repair], timeout
             )
             for k, g in zip(repair, again, strict=True):
                 out[k] = g
-        return [(g, version) for g in out]
+        return [(g or Generated("", error="not run", error_kind="engine"), version) for g in out]
 
     def _job(self, agent: Agent, ids: list[int], version: str | None, repair: bool = False) -> ModelJob:
         gen = agent.entry.generation
@@ -186,56 +196,46 @@ class AgentRuntime:
             json_out and not agent.output_schema,
         )
 
-    def _invalid(self, agent: Agent, raw: str) -> bool:
-        return _parse(agent, raw)[1] is not None
-
     # ------------------------------------------------------------ judging
     def _judge(
-        self,
-        agent: Agent,
-        number: int,
-        step: FallbackStep,
-        item: _Item,
-        gen: Generated,
-        version: str | None,
-        started: float,
-        label: str,
+        self, agent: Agent, at: _Step, item: _Item, gen: Generated, version: str | None, started: float
     ) -> AgentResult | None:
         if gen.error is not None:
-            item.reasons.append(f"{label}: {gen.error_kind or 'error'}: {gen.error}")
+            item.reasons.append(f"{at.label}: {_reason(gen)}")
             return None
         output, problem = _parse(agent, gen.text)
         if problem is not None:
+            model_step = at.target.adapter is not None or at.target.base
             item.reasons.append(
-                f"{label}: {problem} (after one repair attempt)"
-                if step.kind in ("adapter", "base")
-                else f"{label}: {problem}"
+                f"{at.label}: {problem}" + (" (after one repair attempt)" if model_step else "")
             )
             return None
         cited = self.on_citations(agent, gen.text)
         low = _low_confidence(agent, gen.text, cited.sources)
-        model_version: dict[str, str | None] = {"base": None, "adapter": None}
-        if step.kind in ("adapter", "base"):
-            model_version = {"base": self.backend.base_ref if self.backend else None, "adapter": version}
-        elif step.kind == "endpoint":
-            model_version = {"base": None, "adapter": None, "endpoint": step.endpoint, "model": gen.adapter}
-        ref = version if step.kind == "adapter" else _ref(step)
         prior = list(item.reasons)
         if low:
-            item.reasons.append(f"{label}: low confidence ({'; '.join(low)})")
+            item.reasons.append(f"{at.label}: low confidence ({'; '.join(low)})")
         return AgentResult(
             agent=agent.name,
             output=output,
             raw=gen.text,
-            model_version=model_version,
+            model_version=self._version(at.target, gen, version),
             latency_s=round(time.monotonic() - started, 4),
-            fallback=Answered(number, step.kind, ref, prior),
+            fallback=Answered(at.number, at.step.kind, version if at.step.adapter else at.step.ref, prior),
             citations=cited.sources,
             markdown=cited.markdown,
             confidence={"level": "low" if low else "high", "reasons": low},
             warnings=list(agent.warnings),
             usage={"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens},
         )
+
+    def _version(self, target: FallbackStep, gen: Generated, version: str | None) -> dict[str, str | None]:
+        """What answered: this engine's base (+ adapter), another endpoint, or neither."""
+        if target.adapter is not None or target.base:
+            return {"base": self.backend.base_ref if self.backend else None, "adapter": version}
+        if target.endpoint is not None:
+            return {"base": None, "adapter": None, "endpoint": target.endpoint, "model": gen.adapter}
+        return {"base": None, "adapter": None}
 
     def _failure(self, agent: Agent, item: _Item, started: float) -> AgentResult:
         return AgentResult(
@@ -250,6 +250,33 @@ class AgentRuntime:
         )
 
 
+@dataclass
+class _Step:
+    number: int
+    step: FallbackStep  # as the chain names it
+    target: FallbackStep  # what runs (a legacy step's recommended step)
+    label: str
+
+
+def _reason(gen: Generated) -> str:
+    """Why a step gave no answer, as the client may see it: the engine's and the store's own
+    text (paths, checksums) goes to the log under an id, not into results."""
+    if gen.error_kind in ("engine", "adapter_store"):
+        ref = uuid.uuid4().hex[:12]
+        log.error("agent step failed [%s]: %s", ref, gen.error)
+        what = (
+            "the adapter's stored files could not be read"
+            if gen.error_kind == "adapter_store"
+            else "engine error"
+        )
+        return f"{gen.error_kind}: {what} (server log id {ref})"
+    return f"{gen.error_kind or 'error'}: {gen.error}"
+
+
+def _needs_repair(agent: Agent, gen: Generated | None) -> bool:
+    return gen is not None and gen.error is None and _parse(agent, gen.text)[1] is not None
+
+
 def _parse(agent: Agent, raw: str) -> tuple[Any, str | None]:
     if agent.output_type != "json":  # the answer without its markers (``citations`` lists them)
         return strip_citations(raw).strip(), None
@@ -262,24 +289,12 @@ def _parse(agent: Agent, raw: str) -> tuple[Any, str | None]:
 
 
 def _low_confidence(agent: Agent, raw: str, citations: list[dict[str, Any]]) -> list[str]:
+    """Hedges count in text answers only (a JSON field may quote "might be" as content)."""
     reasons = []
-    lowered = raw.lower()
+    lowered = raw.lower() if agent.output_type == "text" else ""
     hedge = next((h for h in agent.entry.confidence.hedges if h.lower() in lowered), None)
     if hedge is not None:
         reasons.append(f"hedges ({hedge!r})")
     if agent.entry.confidence.citations == "required" and not citations:
         reasons.append("no citation, and this agent requires one")
     return reasons
-
-
-def _guarded(
-    fn: Callable[[dict[str, Any], str], Generated], payload: dict[str, Any], agent: str
-) -> Generated:
-    try:
-        return fn(payload, agent)
-    except Exception as exc:  # a user's fallback function must not fail the other payloads
-        return Generated("", error=f"{type(exc).__name__}: {exc}", error_kind="python")
-
-
-def _ref(step: FallbackStep) -> str | None:
-    return step.adapter or step.python or step.legacy or step.endpoint

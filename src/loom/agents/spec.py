@@ -126,6 +126,11 @@ class FallbackStep(_Strict):
                 return k
         return "base" if self.base else "stub"
 
+    @property
+    def ref(self) -> str | None:
+        """What the step names: an adapter ref, entry point, legacy name or endpoint URL."""
+        return self.adapter or self.python or self.legacy or self.endpoint
+
 
 class AgentEntry(_Strict):
     description: str = ""

@@ -102,6 +102,13 @@ def run(
 ) -> None:
     """Run an agent in-process on the store's base: one payload, or a JSONL file in batches."""
     payloads = _payloads(input, input_file)
+    _, checked, errors = _static(path)  # a typo or a bad row is found before any weights load
+    if name in errors:
+        raise LoomError(errors[name])
+    if name not in checked:
+        raise LoomError(f"no agent {name!r} in the map; agents: {sorted([*checked, *errors])}")
+    for where, payload in payloads:
+        checked[name].check_input(payload, where)
     from loom.agents import load_agents
     from loom.engine import Engine
     from loom.store import Store
@@ -114,8 +121,9 @@ def run(
         with Progress(console=console, transient=True, disable=input_file is None) as bar:
             task = bar.add_task(f"{name}", total=len(payloads))
             for start in range(0, len(payloads), CHUNK):
-                results += agent.run_many(payloads[start : start + CHUNK])
-                bar.update(task, advance=len(payloads[start : start + CHUNK]))
+                chunk = [p for _, p in payloads[start : start + CHUNK]]
+                results += agent.run_many(chunk)
+                bar.update(task, advance=len(chunk))
     finally:
         engine.shutdown()
     for result in results:
@@ -129,18 +137,22 @@ def run(
             )
             if result.error:
                 console.print(f"[red]{result.error}[/]", highlight=False)
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        raise LoomError(f"{failed} of {len(results)} payloads got no answer from any step (see above)")
 
 
-def _payloads(input: str | None, input_file: Path | None) -> list[dict[str, Any]]:
+def _payloads(input: str | None, input_file: Path | None) -> list[tuple[str, dict[str, Any]]]:
+    """(where, payload) pairs: ``--input`` or ``FILE:LINE``, for errors that name the row."""
     if (input is None) == (input_file is None):
         raise LoomError("give either --input JSON or --input-file FILE.jsonl")
     if input is not None:
-        return [_json_object(input, "--input")]
+        return [("--input", _json_object(input, "--input"))]
     assert input_file is not None
     if not input_file.is_file():
         raise LoomError(f"--input-file {input_file}: no such file")
     lines = [(i, line) for i, line in enumerate(input_file.read_text().splitlines(), 1) if line.strip()]
-    return [_json_object(line, f"{input_file}:{i}") for i, line in lines]
+    return [(f"{input_file}:{i}", _json_object(line, f"{input_file}:{i}")) for i, line in lines]
 
 
 def _json_object(text: str, where: str) -> dict[str, Any]:

@@ -260,6 +260,10 @@ async def resolve_target(request: Request, model: str | None) -> Target:
         target = await asyncio.to_thread(registry.resolve, model)
     if target.adapter is not None:  # beyond --max-lora-rank/--lora-targets: 400 (refuse_beyond_limits)
         target.version = (await engine.aresolve_adapter(target.adapter)).key
+        agent = registry.agents.get(target.model)
+        if agent is not None:  # the system prompt the answering version was trained with
+            prompt = await asyncio.to_thread(agent.prompt_for, target.version)
+            target.system = prompt.system
     request.state.model = target.model
     return target
 
