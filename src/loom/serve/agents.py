@@ -25,6 +25,8 @@ class ServedAgents:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.doc: AgentMapFile | None = load_map_file(path) if path else None
+        # checked with the map, before any weights load
+        self.recommended = load_recommended(self.doc, path) if self.doc and path else {}
         self.agents: dict[str, Agent] = {}
         self.errors: dict[str, str] = {}  # agent -> why it is not served
         self.runtime: AgentRuntime | None = None
@@ -58,7 +60,7 @@ class ServedAgents:
                 metrics.unknown_citations.labels(agent.name).inc(unknown)
             return cited
 
-        self.runtime = AgentRuntime(EngineBackend(engine), load_recommended(self.doc, self.path), cite)
+        self.runtime = AgentRuntime(EngineBackend(engine), self.recommended, cite)
 
     def describe(self) -> list[dict[str, Any]]:
         out = [{**a.info(), "status": "ok"} for a in self.agents.values()]
