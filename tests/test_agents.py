@@ -369,6 +369,7 @@ def test_agent_routes_answer_and_refuse_bad_input_without_hurting_others(
         assert listed["intent"]["output"]["schema"]["properties"]["intent"]["enum"] == ["A", "B", "C"]
         assert listed["broken"]["status"] == "unavailable" and "no-such-adapter" in listed["broken"]["error"]
         one = httpx.post(f"{url}/v1/agents/intent/run", json={"input": {"text": "ask a"}}).json()
+        assert httpx.get(f"{url}/v1/agents/intent").json()["adapter_version"] == "intent@v1"
         assert one["output"]["intent"] in "ABC" and one["model_version"] == {
             "base": "tiny@v1",
             "adapter": "intent@v1",

@@ -62,7 +62,15 @@ class ServedAgents:
 
         self.runtime = AgentRuntime(EngineBackend(engine), self.recommended, cite)
 
-    def describe(self) -> list[dict[str, Any]]:
-        out = [{**a.info(), "status": "ok"} for a in self.agents.values()]
+    def describe(self, engine: Engine | None = None) -> list[dict[str, Any]]:
+        """Each agent's info, with the adapter version it answers with now (from the engine's
+        routes: no store read; None before its first request)."""
+        out = []
+        for agent in self.agents.values():
+            version = None
+            if engine is not None and agent.adapter:
+                hit = engine.resolver.cached(agent.adapter)
+                version = hit.key if hit is not None else engine.resolver.routed(agent.adapter)
+            out.append({**agent.info(), "adapter_version": version, "status": "ok"})
         out += [{"name": n, "status": "unavailable", "error": e} for n, e in self.errors.items()]
         return out

@@ -53,14 +53,15 @@ def _agent(served: ServedAgents, name: str) -> Agent:
 
 @router.get("/v1/agents", dependencies=[Depends(require_key)])
 async def list_agents(request: Request) -> dict[str, Any]:
-    _, served = _served(request)
-    return {"object": "list", "data": served.describe()}
+    service, served = _served(request)
+    return {"object": "list", "data": served.describe(service.engine)}
 
 
 @router.get("/v1/agents/{name}", dependencies=[Depends(require_key)])
 async def show_agent(name: str, request: Request) -> dict[str, Any]:
-    _, served = _served(request)
-    return {**_agent(served, name).info(), "status": "ok"}
+    service, served = _served(request)
+    agent = _agent(served, name)
+    return next(a for a in served.describe(service.engine) if a["name"] == agent.name)
 
 
 @router.post("/v1/agents/{name}/run", dependencies=[Depends(require_key)])
