@@ -115,3 +115,34 @@ def test_example_agents_hold_to_their_schemas_on_the_default_base(
         run_smoke(default_store, engine, map_path)
     finally:
         engine.shutdown()
+
+
+def test_loom_agents_train_prepares_trains_and_publishes(
+    tiny_agents: tuple[Store, Engine, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from loom.cli.main import app
+
+    store = tiny_agents[0]
+    monkeypatch.setenv("LOOM_STORE", str(store.url))
+    data = sample_data(tmp_path / "data")
+    args = [
+        "agents",
+        "train",
+        "intent",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--max-steps",
+        "1",
+    ]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{") :])
+    assert summary["status"] == "completed" and summary["steps"] == 1
+    assert summary["prompting"]["output_template"] == '{{"intent": "{label}"}}'
+    assert len(store.summaries("adapter")) >= 3 and store.resolve("intent").manifest.training_summary
+    bad = CliRunner().invoke(app, ["agents", "train", "nope", "--data", str(data)])
+    assert bad.exit_code == 2 and "no example agent 'nope'" in bad.output
