@@ -513,3 +513,21 @@ def test_the_plan_serves_the_first_variant_the_device_offers(agent_store: Store)
     assert plan.dtype == "bfloat16"  # int8: not served yet; fp16: CUDA only
     assert any("variant_preference" in n and "int8" in n for n in plan.notes), plan.notes
     assert plan_from_store(ServeConfig(base="tiny", device="cpu"), agent_store, []).dtype == "float32"
+
+
+def test_a_templated_text_answer_is_decoded_under_its_template(agent_engine: Engine) -> None:
+    """Training wrote ``{answer} <<SRC:squad:{passage_id}>>``: the citation is the payload's own
+    passage id, character for character; only the answer is free."""
+    import re
+
+    from loom.agents.prompting import AgentPrompt
+
+    prompt = AgentPrompt(
+        "s", "P {passage_id}: {context}\nQ: {question}", "{answer} <<SRC:squad:{passage_id}>>"
+    )
+    payload = {"passage_id": "Sky_(United_Kingdom)#p2", "context": "c", "question": "q"}
+    pattern = prompt.answer_pattern(payload)
+    assert pattern is not None and re.fullmatch(pattern, "in 1990 <<SRC:squad:Sky_(United_Kingdom)#p2>>")
+    assert not re.fullmatch(pattern, "in 1990 <<SRC:squad:Sky_(United_Kingdom)#p3>>")
+    agent_engine.regex_processor(pattern)  # llguidance compiles it
+    assert AgentPrompt("s", "{text}", '{{"intent": "{label}"}}').answer_pattern({"text": "x"}) is None

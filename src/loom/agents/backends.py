@@ -21,6 +21,7 @@ class ModelJob:
     params: SamplingParams
     schema: dict[str, Any] | None = None  # decode under this JSON schema's grammar
     json_mode: bool = False  # JSON without a schema
+    regex: str | None = None  # decode under this regex (a text answer's template)
 
 
 class EngineBackend:
@@ -51,11 +52,13 @@ class EngineBackend:
 
     def _request(self, job: ModelJob) -> Request:
         processor = None
-        if job.schema is not None or job.json_mode:
-            try:
+        try:
+            if job.schema is not None or job.json_mode:
                 processor = self.engine.json_processor(job.schema)
-            except Exception as exc:  # llguidance refuses some JSON-schema keywords (uniqueItems)
-                raise LoomError(f"the output schema cannot be decoded under a grammar: {exc}") from None
+            elif job.regex is not None:
+                processor = self.engine.regex_processor(job.regex)
+        except Exception as exc:  # llguidance refuses some JSON-schema keywords (uniqueItems)
+            raise LoomError(f"the output cannot be decoded under a grammar: {exc}") from None
         return self.engine.submit(
             job.prompt_ids, adapter=job.adapter, params=job.params, logits_processor=processor, enqueue=False
         )

@@ -8,6 +8,7 @@ A map may override the prompt; the override is reported in every result's warnin
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from loom.errors import LoomError
 from loom.train.tokenize import DEFAULT_PROMPT_TEMPLATE, Renderer
 
 DEFAULT_INPUT_TEMPLATE = "{text}"
+FREE_TEXT = r"[^<\n]+"  # a free-text part of a templated answer: one line, up to a citation marker
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,23 @@ class AgentPrompt:
     def messages(self, payload: dict[str, Any]) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return [*system, {"role": "user", "content": self.user_message(payload)}]
+
+    def answer_pattern(self, payload: dict[str, Any]) -> str | None:
+        """A regex for a text answer that training wrote with an output template using input
+        fields (``{answer} <<SRC:squad:{passage_id}>>``): those parts are the payload's own
+        values, the rest free text. None when the template copies no input field."""
+        if not self.output_template:
+            return None
+        parts = list(string.Formatter().parse(self.output_template))
+        inputs = set(self.fields)
+        if not any(f and f in inputs for _t, f, _s, _c in parts):
+            return None
+        pattern = ""
+        for literal, name, _spec, _conv in parts:
+            pattern += re.escape(literal)
+            if name:
+                pattern += re.escape(str(payload[name])) if name in inputs else FREE_TEXT
+        return pattern
 
     def token_ids(self, tokenizer: Any, payload: dict[str, Any]) -> list[int]:
         text = Renderer(tokenizer, self.prompt_template).prompt(self.messages(payload))

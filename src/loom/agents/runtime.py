@@ -166,6 +166,8 @@ class AgentRuntime:
         for k, item in enumerate(items):  # a payload whose prompt cannot be built fails alone
             try:
                 jobs[k] = self._job(agent, prompt.token_ids(engine.tokenizer, item.payload), version)
+                if agent.output_type == "text" and agent.entry.output.constrained:
+                    jobs[k].regex = prompt.answer_pattern(item.payload)
             except Exception as exc:
                 out[k] = Generated("", error=f"the prompt cannot be built: {exc}", error_kind="input")
         for k, g in zip(jobs, self.backend.generate(list(jobs.values()), timeout), strict=True):
