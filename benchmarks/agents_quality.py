@@ -165,10 +165,10 @@ def main() -> None:
             results += run_agent(engine, store, agent, ref, rows)
     finally:
         engine.shutdown()
-    print(f"{'agent':10} {'model':28} {'metric':20} {'value':>7} {'n':>5} {'seconds':>8}")
+    print(f"{'agent':10} {'model':44} {'metric':20} {'value':>7} {'n':>5} {'seconds':>8}")
     for r in results:
         print(
-            f"{r['agent']:10} {r['model']:28} {r['metric']:20} {r['value']:>7} {r['n']:>5} {r['seconds']:>8}"
+            f"{r['agent']:10} {r['model']:44} {r['metric']:20} {r['value']:>7} {r['n']:>5} {r['seconds']:>8}"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
