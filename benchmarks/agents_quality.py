@@ -108,7 +108,7 @@ def score(agent: str, row: dict[str, Any], output: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------ runs
 def run_agent(
-    engine: Engine, store: Store, agent: str, ref: str, rows: list[dict[str, Any]]
+    engine: Engine, store: Store, agent: str, ref: str, rows: list[dict[str, Any]], base: bool = True
 ) -> list[dict[str, Any]]:
     """Score the adapter and the base alone on the same prompts; one result row per metric."""
     resolved = store.resolve(ref)  # one concrete version for the whole run, named in the table
@@ -117,7 +117,8 @@ def run_agent(
     prompts = [prompt_ids(engine.tokenizer, prompting, r, f"{agent} dev row {i}") for i, r in enumerate(rows)]
     params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS[agent], temperature=0.0)
     results = []
-    for model, adapter in ((ref, ref), (f"base {engine.base_ref}", None)):
+    models = [(ref, ref), (f"base {engine.base_ref}", None)][: 2 if base else 1]
+    for model, adapter in models:
         started = time.monotonic()
         done = engine.generate_many([(p, adapter) for p in prompts], params=params)
         seconds = time.monotonic() - started
@@ -132,7 +133,7 @@ def run_agent(
                     "value": round(value if metric in ("f1", "exact_match") else 100 * value, 1),
                     "n": len(rows),
                     "seconds": round(seconds, 1),
-                    "samples": [c.text for c in done[:3]],
+                    "outputs": [c.text for c in done] if metric == next(iter(scores[0])) else [],
                 }
             )
     return results
@@ -151,6 +152,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N dev rows per agent")
     ap.add_argument("--data", type=Path, default=None, help="shared data folder (default: $LOOM_DATA)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where prepare() writes derived data")
+    ap.add_argument("--no-base", action="store_true", help="measure the adapters only")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     refs = dict(item.split("=", 1) for item in args.adapter)
@@ -162,16 +164,16 @@ def main() -> None:
             config = prepare(agent, args.data, args.out)
             ref = refs.get(agent) or str(yaml.safe_load(config.read_text())["adapter_name"])
             rows = read_jsonl(EXAMPLES[agent].dev_file(args.data, args.out))[: args.limit]
-            results += run_agent(engine, store, agent, ref, rows)
+            results += run_agent(engine, store, agent, ref, rows, base=not args.no_base)
     finally:
         engine.shutdown()
-    print(f"{'agent':10} {'model':28} {'metric':20} {'value':>7} {'n':>5} {'seconds':>8}")
+    print(f"{'agent':10} {'model':44} {'metric':20} {'value':>7} {'n':>5} {'seconds':>8}")
     for r in results:
         print(
-            f"{r['agent']:10} {r['model']:28} {r['metric']:20} {r['value']:>7} {r['n']:>5} {r['seconds']:>8}"
+            f"{r['agent']:10} {r['model']:44} {r['metric']:20} {r['value']:>7} {r['n']:>5} {r['seconds']:>8}"
         )
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps(results, indent=2) + "\n")  # with every output, once per model
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def test_reranker_positive_is_where_label_says(prepared: dict[str, Path]) -> Non
             if i != n - 1:
                 assert not any(a.lower() in text.lower() for a in squad["answers"]), (row["id"], i)
                 assert row["candidate_ids"][i].split("#")[0] != squad["title"]
-        assert all(len(c) < 420 for c in candidates), "a window grew far past WINDOW_CHARS"
+        assert all(len(c) < 360 for c in candidates), "a window grew far past WINDOW_CHARS"
     assert {r["label"] for r in rows} == {"1", "2", "3", "4"}
 
 

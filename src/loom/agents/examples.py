@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[3]
 CONFIG_DIR = REPO / "examples" / "agents"
 DEFAULT_OUT = Path("runs") / "agents"
 SEED = 1234
-WINDOW_CHARS = 300  # re_ranker candidate length: 4 of them keep a prompt near 350 tokens
+WINDOW_CHARS = 240  # re_ranker candidate length: 4 of them keep a prompt near 300 tokens
 CANDIDATES = 4
 
 Row = dict[str, Any]
