@@ -61,11 +61,8 @@ def citation_hook(doc: AgentMapFile, where: Path, registry: SourceRegistry | Non
             return Cited()
         if registry is None:  # no registry: the ids as cited, none known
             resolved = [ResolvedCitation(c, None) for c in found]
-        else:
-            resolved = registry.resolve(found)
-            unknown = [r.source_id for r in resolved if not r.known]
-            if unknown:
-                registry.record_unknown(unknown, agent.name)
-        return Cited(render_list(resolved), render_markdown(raw, resolved))
+            return Cited(render_list(resolved), render_markdown(raw, resolved))
+        answer = registry.cite(raw, agent.name)  # resolves, records unknown ids, renders
+        return Cited(answer.sources, answer.markdown)
 
     return cite
