@@ -80,13 +80,18 @@ class Agent:
             None if self._output_validator is None else first_error(self._output_validator, value, "output")
         )
 
-    def prompt_for(self, version: str | None) -> AgentPrompt:
-        """The training prompt of adapter ``version`` (name@version; immutable, so read once)."""
+    def cached_prompt(self, version: str | None) -> AgentPrompt | None:
+        """:meth:`prompt_for` when it needs no store read, else None."""
         if version is None or self.store is None or version.startswith("path:"):
             return self.prompt
         with self._lock:
-            known = self._prompts.get(version)
+            return self._prompts.get(version)
+
+    def prompt_for(self, version: str | None) -> AgentPrompt:
+        """The training prompt of adapter ``version`` (name@version; immutable, so read once)."""
+        known = self.cached_prompt(version)
         if known is None:
+            assert version is not None and self.store is not None
             manifest = self.store.resolve(version).manifest
             known = agent_prompt(self.name, self.entry, manifest.training_summary, self._template_sha())
             with self._lock:

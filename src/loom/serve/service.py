@@ -262,7 +262,9 @@ async def resolve_target(request: Request, model: str | None) -> Target:
         target.version = (await engine.aresolve_adapter(target.adapter)).key
         agent = registry.agents.get(target.model)
         if agent is not None:  # the system prompt the answering version was trained with
-            prompt = await asyncio.to_thread(agent.prompt_for, target.version)
+            prompt = agent.cached_prompt(target.version)  # a store read only for a new version
+            if prompt is None:
+                prompt = await asyncio.to_thread(agent.prompt_for, target.version)
             target.system = prompt.system
     request.state.model = target.model
     return target
