@@ -50,8 +50,8 @@ agents: setup
 	$(BIN)/python benchmarks/agents_serve.py --agents $$(echo $(AGENTS) | tr ' ' ,)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check --no-cache src tests benchmarks scripts  # a stale cache hid an unsorted import once: CI starts without one
+	$(BIN)/ruff format --no-cache --check src tests benchmarks scripts
 	$(BIN)/mypy
 
 test: lint

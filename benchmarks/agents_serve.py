@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 from agents_quality import score
-from loom.agents.examples import EXAMPLES, default_data_dir, prepare, read_jsonl
 
+from loom.agents.examples import EXAMPLES, default_data_dir, prepare, read_jsonl
 from loom.serve.server import free_port, wait_healthy
 
 MAP = Path(__file__).resolve().parents[1] / "examples" / "agents" / "AGENT_MODEL_MAP.json"
