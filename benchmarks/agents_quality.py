@@ -35,7 +35,7 @@ from loom.engine import Engine, SamplingParams
 from loom.store import Store
 from loom.train.tokenize import Renderer
 
-MAX_NEW_TOKENS = {"intent": 16, "qa_cited": 64, "re_ranker": 32}
+MAX_NEW_TOKENS = {"intent": 16, "qa_cited": 64, "re_ranker": 72}
 CITATION = re.compile(r"<<SRC:([^>]*)>>")
 
 

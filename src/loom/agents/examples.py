@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[3]
 CONFIG_DIR = REPO / "examples" / "agents"
 DEFAULT_OUT = Path("runs") / "agents"
 SEED = 1234
-WINDOW_CHARS = 240  # re_ranker candidate length: 4 of them keep a prompt near 300 tokens
+WINDOW_CHARS = 200  # re_ranker candidate length: 4 of them keep a prompt near 250 tokens
 CANDIDATES = 4
 
 Row = dict[str, Any]
@@ -123,6 +123,9 @@ def rerank_rows(rows: list[Row], seed: int = SEED) -> list[Row]:
                 "candidates": "\n".join(f"[{i + 1}] {text}" for i, (_pid, text) in enumerate(order)),
                 "candidate_ids": [pid for pid, _text in order],
                 "ranking_json": json.dumps(ranking),
+                # the answer span, quoted before the ranking: it gives every example several
+                # tokens that can only be right by finding the passage (a ranking alone has one)
+                "evidence_json": json.dumps(answer),
                 "label": numbers[slot],
                 "answers": r["answers"],
             }

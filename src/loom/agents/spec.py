@@ -132,6 +132,21 @@ class FallbackStep(_Strict):
         return self.adapter or self.python or self.legacy or self.endpoint
 
 
+class Gates(_Strict):
+    """What a candidate version must show on a golden-set eval before ``loom promote`` moves
+    ``current`` to it. Rates are fractions in [0, 1]; ``None`` switches a gate off. A gate whose
+    metric the eval could not measure (no cited rows, no DYNAMIC rows) is skipped, and says so."""
+
+    accuracy: float | None = Field(default=0.95, ge=0.0, le=1.0)
+    schema_validity: float | None = Field(default=None, ge=0.0, le=1.0)
+    citation_presence: float | None = Field(default=0.90, ge=0.0, le=1.0)
+    refusal_accuracy: float | None = Field(default=0.90, ge=0.0, le=1.0)
+    p95_latency_s: float | None = Field(default=1.5, gt=0.0)
+    # no metric significantly worse than the promoted version (paired test at this level)
+    no_regression: bool = True
+    alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+
+
 class AgentEntry(_Strict):
     description: str = ""
     base: str | None = None
@@ -147,6 +162,7 @@ class AgentEntry(_Strict):
     confidence: Confidence = Field(default_factory=Confidence)
     warm: int = Field(default=0, ge=0)
     timeout_s: float = Field(default=60.0, gt=0)
+    gates: Gates = Field(default_factory=Gates)  # loom promote's bar (loom.evals.gates)
 
     @field_validator("adapter", "base")
     @classmethod
