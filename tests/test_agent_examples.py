@@ -103,11 +103,12 @@ def test_reranker_positive_is_where_label_says(prepared: dict[str, Path]) -> Non
         assert sorted(json.loads(row["ranking_json"])) == ["1", "2", "3", "4"]
         assert row["candidate_ids"][n - 1] == squad["passage_id"]
         assert squad["answers"][0] in candidates[n - 1]
+        assert json.loads(row["evidence_json"]) == squad["answers"][0]  # quoted from the positive
         for i, text in enumerate(candidates):
             if i != n - 1:
                 assert not any(a.lower() in text.lower() for a in squad["answers"]), (row["id"], i)
                 assert row["candidate_ids"][i].split("#")[0] != squad["title"]
-        assert all(len(c) < 360 for c in candidates), "a window grew far past WINDOW_CHARS"
+        assert all(len(c) < 320 for c in candidates), "a window grew far past WINDOW_CHARS"
     assert {r["label"] for r in rows} == {"1", "2", "3", "4"}
 
 

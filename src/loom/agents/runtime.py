@@ -66,7 +66,11 @@ class AgentRuntime:
             raise AgentFailed(result)
         return result
 
-    def run_many(self, agent: Agent, payloads: list[dict[str, Any]]) -> list[AgentResult]:
+    def run_many(
+        self, agent: Agent, payloads: list[dict[str, Any]], steps: list[FallbackStep] | None = None
+    ) -> list[AgentResult]:
+        """``steps`` replaces the agent's chain (evaluation measures one model alone: a fallback
+        would credit another model's answers to it)."""
         if len(payloads) > MAX_BATCH:
             raise LoomError(f"inputs: {len(payloads)} payloads; send at most {MAX_BATCH} per batch")
         checked = [
@@ -76,7 +80,7 @@ class AgentRuntime:
         started = time.monotonic()
         pending = [_Item(i, p) for i, p in enumerate(checked)]
         results: list[AgentResult | None] = [None] * len(payloads)
-        for number, step in enumerate(agent.chain()):
+        for number, step in enumerate(agent.chain() if steps is None else steps):
             if not pending:
                 break
             pending = self._step(agent, number, step, pending, results, started)

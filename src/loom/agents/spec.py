@@ -147,6 +147,14 @@ class Gates(_Strict):
     alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
 
 
+class EvalSettings(_Strict):
+    """How ``loom eval`` grades this agent when the command line does not say."""
+
+    golden: str | None = None  # the golden set's ref (default: <agent>-golden)
+    # exact | contains | f1 | json | auto (json for expected objects, else exact) | module:function
+    scorer: str = "auto"
+
+
 class AgentEntry(_Strict):
     description: str = ""
     base: str | None = None
@@ -163,6 +171,7 @@ class AgentEntry(_Strict):
     warm: int = Field(default=0, ge=0)
     timeout_s: float = Field(default=60.0, gt=0)
     gates: Gates = Field(default_factory=Gates)  # loom promote's bar (loom.evals.gates)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
 
     @field_validator("adapter", "base")
     @classmethod

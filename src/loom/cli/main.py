@@ -14,6 +14,7 @@ from loom.cli import data as data_cli
 from loom.cli import sources as sources_cli
 from loom.cli import store as store_cli
 from loom.cli.doctor import doctor
+from loom.cli.evals import eval_command
 from loom.cli.output import err_console
 from loom.cli.serve import serve
 from loom.cli.train import train
@@ -47,6 +48,7 @@ app.command("doctor")(doctor)
 app.command("serve")(serve)
 app.add_typer(bench_cli.app, name="bench")
 app.add_typer(agents_cli.app, name="agents")
+app.command("eval")(eval_command)
 
 
 @app.callback(invoke_without_command=True)
