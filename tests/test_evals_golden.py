@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -13,7 +14,7 @@ from loom.agents.examples import default_data_dir
 from loom.cli.main import app
 from loom.data.snapshot import snapshot
 from loom.errors import IntegrityError, LoomError
-from loom.evals.examples import UNANSWERABLE, build_example_golden
+from loom.evals.examples import UNANSWERABLE, build_example_golden, qa_cited_golden
 from loom.evals.golden import GOLDEN_FILE, GoldenFileError, import_golden, load_golden, read_golden
 from loom.evals.scorers import normalize_answer, score_row
 from loom.store import Store
@@ -197,6 +198,32 @@ def test_example_golden_sets_from_the_dev_splits(tmp_path: Path) -> None:
 
     again = {name: build_example_golden(name, DATA, tmp_path / "again") for name in paths}
     assert all(paths[n].read_bytes() == again[n].read_bytes() for n in paths)  # deterministic
+
+
+def squad(qid: str, pid: str, context: str, answer: str) -> dict[str, Any]:
+    title = pid.split("#")[0]
+    return {
+        "id": qid,
+        "title": title,
+        "passage_id": pid,
+        "context": context,
+        "question": "?",
+        "answers": [answer],
+    }
+
+
+def test_unanswerable_rows_pair_a_passage_that_cannot_answer() -> None:
+    mentions = [squad(f"b{i}", f"B#p{i}", f"The moon is here ({i}).", "sun") for i in range(10)]
+    rows = [
+        squad("a1", "A#p0", "All about the moon.", "moon"),
+        *mentions,
+        squad("b10", "B#p10", "Nothing.", "sun"),
+    ]
+    dynamic = {r.id: r for r in qa_cited_golden(rows) if r.type == "DYNAMIC"}
+    assert len(dynamic) == len(rows)  # fewer questions than UNANSWERABLE: one each
+    assert dynamic["unanswerable-a1"].input["passage_id"] == "B#p10"  # the only one not saying "moon"
+    with pytest.raises(LoomError, match="a1: every other passage mentions one of its answers"):
+        qa_cited_golden(rows[:-1])
 
 
 @needs_data
