@@ -66,7 +66,8 @@ def ls_cmd(root: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
         )
         return
     table = Table(title=f"golden sets in {store.url}")
-    for col in ("ref", "aliases", "rows", "STATIC", "DYNAMIC", "categories", "sha256"):
+    table.add_column("ref", no_wrap=True)
+    for col in ("aliases", "rows", "STATIC", "DYNAMIC", "categories", "sha256"):
         table.add_column(col)
     aliases = {(s.artifact.name, v): k for s in store.summaries("dataset") for k, v in s.aliases.items()}
     for m in found:
