@@ -19,10 +19,8 @@ positive) and valid JSON.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import re
-import string
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import yaml
 from loom.agents.examples import DEFAULT_OUT, EXAMPLES, prepare, read_jsonl
 from loom.data.formats import RowFormat, Templates, to_example
 from loom.engine import Engine, SamplingParams
+from loom.evals.scorers import normalize_answer, token_f1
 from loom.store import Store
 from loom.train.tokenize import Renderer
 
@@ -62,21 +61,6 @@ def parse_json(text: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD v1.1's official normalisation: lower case, no punctuation, articles or extra spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
-def token_f1(prediction: str, truth: str) -> float:
-    pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
-    common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(gold)
-    return 2 * precision * recall / (precision + recall)
 
 
 def score(agent: str, row: dict[str, Any], output: str) -> dict[str, float]:

@@ -11,6 +11,7 @@ from loom import __version__
 from loom.cli import agents as agents_cli
 from loom.cli import bench as bench_cli
 from loom.cli import data as data_cli
+from loom.cli import golden as golden_cli
 from loom.cli import sources as sources_cli
 from loom.cli import store as store_cli
 from loom.cli.doctor import doctor
@@ -49,6 +50,7 @@ app.command("serve")(serve)
 app.add_typer(bench_cli.app, name="bench")
 app.add_typer(agents_cli.app, name="agents")
 app.command("eval")(eval_command)
+app.add_typer(golden_cli.app, name="golden")
 
 
 @app.callback(invoke_without_command=True)
