@@ -25,7 +25,11 @@ from loom.train.config import TrainConfig
 from loom.train.run import train
 
 LABELS = ("A", "B", "C")
-ROWS = [{"text": f"{w} {i}", "label": lab} for i in range(4) for w, lab in (("ask", "A"), ("buy", "B"), ("call", "C"))]
+ROWS = [
+    {"text": f"{w} {i}", "label": lab}
+    for i in range(4)
+    for w, lab in (("ask", "A"), ("buy", "B"), ("call", "C"))
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,14 @@ def eval_store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Stor
     golden = root / "golden.jsonl"
     golden.write_text(
         "".join(
-            json.dumps({"id": f"g{i}", "input": {"text": r["text"]}, "expected": {"intent": r["label"]}, "category": r["label"]})
+            json.dumps(
+                {
+                    "id": f"g{i}",
+                    "input": {"text": r["text"]},
+                    "expected": {"intent": r["label"]},
+                    "category": r["label"],
+                }
+            )
             + "\n"
             for i, r in enumerate(ROWS)
         )
@@ -73,7 +84,14 @@ def eval_store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Stor
 @pytest.fixture(scope="module")
 def eval_engine(eval_store: Store) -> Iterator[Engine]:
     eng = Engine.from_store(
-        "tiny", device="cpu", store=eval_store, max_batch_size=8, max_seq_len=256, kv_cache_mb=16, max_adapters=4, max_rank=8
+        "tiny",
+        device="cpu",
+        store=eval_store,
+        max_batch_size=8,
+        max_seq_len=256,
+        kv_cache_mb=16,
+        max_adapters=4,
+        max_rank=8,
     )
     yield eng
     eng.shutdown()
@@ -82,7 +100,9 @@ def eval_engine(eval_store: Store) -> Iterator[Engine]:
 @pytest.fixture
 def agent_map(tmp_path: Path) -> Path:
     path = tmp_path / "AGENT_MODEL_MAP.json"
-    path.write_text(json.dumps({"agents": {"intent": {"adapter": "intent", "generation": {"max_tokens": 12}}}}))
+    path.write_text(
+        json.dumps({"agents": {"intent": {"adapter": "intent", "generation": {"max_tokens": 12}}}})
+    )
     return path
 
 
@@ -92,7 +112,12 @@ def test_candidate_promoted_and_base_side_by_side_in_one_batched_run(
     manifest_before = eval_store.backend.read_bytes("adapters/intent/intent/versions/v2/manifest.json")
     steps_before = eval_engine.stats()
     run = evaluate(
-        "intent", engine=eval_engine, store=eval_store, candidates=["intent@v2"], map_path=agent_map, concurrency=8
+        "intent",
+        engine=eval_engine,
+        store=eval_store,
+        candidates=["intent@v2"],
+        map_path=agent_map,
+        concurrency=8,
     )
     after = eval_engine.stats()
     assert run.variants == {"candidate": "intent@v2", "promoted": "intent@v1", "base": "tiny@v1"}
@@ -122,14 +147,22 @@ def test_candidate_promoted_and_base_side_by_side_in_one_batched_run(
     assert rel.startswith("adapters/intent/intent/versions/v2/evals/")
     stored = json.loads(eval_store.backend.read_bytes(rel))
     assert body["eval_id"] in json.dumps(stored)
-    assert eval_store.backend.read_bytes("adapters/intent/intent/versions/v2/manifest.json") == manifest_before
+    assert (
+        eval_store.backend.read_bytes("adapters/intent/intent/versions/v2/manifest.json") == manifest_before
+    )
 
 
 def test_the_report_is_written_as_markdown_and_self_contained_html(
     eval_store: Store, eval_engine: Engine, agent_map: Path, tmp_path: Path
 ) -> None:
     run = evaluate(
-        "intent", engine=eval_engine, store=eval_store, candidates=["intent@v2"], map_path=agent_map, limit=6, save=False
+        "intent",
+        engine=eval_engine,
+        store=eval_store,
+        candidates=["intent@v2"],
+        map_path=agent_map,
+        limit=6,
+        save=False,
     )
     assert run.saved == [] and run.bodies[0]["golden"]["rows"] == 6
     md, page = write_report(run.bodies, tmp_path / "report")
@@ -142,9 +175,13 @@ def test_a_golden_row_that_does_not_fit_the_agent_is_refused_before_any_model_ru
     eval_store: Store, eval_engine: Engine, tmp_path: Path
 ) -> None:
     path = tmp_path / "AGENT_MODEL_MAP.json"
-    path.write_text(json.dumps({"agents": {"intent": {"adapter": "intent", "input": {"type": "object", "required": ["query"]}}}}))
+    path.write_text(
+        json.dumps(
+            {"agents": {"intent": {"adapter": "intent", "input": {"type": "object", "required": ["query"]}}}}
+        )
+    )
     steps = eval_engine.stats()["steps"]
-    with pytest.raises(LoomError, match="golden row g0 input.*query"):
+    with pytest.raises(LoomError, match=r"golden row g0 input.*query"):
         evaluate("intent", engine=eval_engine, store=eval_store, map_path=path)
     assert eval_engine.stats()["steps"] == steps
     with pytest.raises(LoomError, match="intent@v9"):
@@ -167,10 +204,14 @@ def test_grades_on_hand_made_answers() -> None:
     cited = _row(expected=["Paris"], citation=["squad:a"])
     g = grade(cited, Outcome("Paris", "Paris <<SRC:squad:a>>", None, 0.1, ["squad:a"]), "exact", [])
     assert (g.score, g.cited, g.cited_right) == (1.0, True, True)
-    g = grade(cited, Outcome("Paris", "Paris <<SRC:squad:b>>", None, 0.1, ["squad:a", "squad:b"]), "exact", [])
+    g = grade(
+        cited, Outcome("Paris", "Paris <<SRC:squad:b>>", None, 0.1, ["squad:a", "squad:b"]), "exact", []
+    )
     assert (g.cited, g.cited_right) == (True, False)
     dynamic = _row(type="DYNAMIC")
-    assert grade(dynamic, Outcome("I don't know", "I don't know", None, 0.1), "exact", ["i don't know"]).refused
+    assert grade(
+        dynamic, Outcome("I don't know", "I don't know", None, 0.1), "exact", ["i don't know"]
+    ).refused
     assert not grade(dynamic, Outcome("Paris", "Paris", None, 0.1), "exact", ["i don't know"]).refused
     assert grade(dynamic, Outcome("x", "x", None, 0.1, low_confidence=True), "exact", []).refused
 
@@ -180,7 +221,12 @@ def _g(score: float | None, valid: bool = True, cat: str = "c", latency: float =
 
 
 def test_summaries_and_the_paired_comparison_on_hand_computed_examples() -> None:
-    grades = [_g(1.0, cat="a"), _g(0.0, cat="a"), _g(1.0, cat="b"), _g(None, valid=False, cat="b", latency=0.5)]
+    grades = [
+        _g(1.0, cat="a"),
+        _g(0.0, cat="a"),
+        _g(1.0, cat="b"),
+        _g(None, valid=False, cat="b", latency=0.5),
+    ]
     m = summarize(grades)
     assert m["accuracy"] == pytest.approx(2 / 3) and m["schema_validity"] == 0.75
     assert m["citation_presence"] is None and m["refusal_accuracy"] is None

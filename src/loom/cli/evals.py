@@ -105,7 +105,7 @@ class _bar:
 
 def _fmt(value: Any, key: str) -> str:
     if value is None:
-        return "–"
+        return "-"
     return f"{value:.2f}" if key.startswith("latency") else f"{100 * value:.1f}%"
 
 

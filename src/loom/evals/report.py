@@ -26,11 +26,15 @@ METRICS = (
     ("latency_p95_s", "latency p95 (s)"),
 )
 WORST = 8
+STYLE = (
+    "body{font:14px system-ui,sans-serif;max-width:1100px;margin:2em auto}pre{white-space:pre-wrap;margin:0}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}"
+)
 
 
 def _fmt(value: Any, metric: str = "") -> str:
     if value is None:
-        return "–"
+        return "-"
     if metric.startswith("latency"):
         return f"{value:.2f}"
     return f"{100 * value:.1f}%" if isinstance(value, float) else str(value)
@@ -71,13 +75,18 @@ def markdown(bodies: list[dict[str, Any]], gates: list[dict[str, Any]] | None = 
         "|---|" + "---:|" * len(variants),
     ]
     for key, title in METRICS:
-        lines.append(f"| {title} | " + " | ".join(_fmt(v["metrics"].get(key), key) for v in variants.values()) + " |")
-    for i, body in enumerate(bodies):
+        lines.append(
+            f"| {title} | " + " | ".join(_fmt(v["metrics"].get(key), key) for v in variants.values()) + " |"
+        )
+    for _i, body in enumerate(bodies):
         comparison = body.get("comparison")
         if not comparison:
             continue
         lines += ["", f"Candidate `{body['subject']}` vs promoted `{comparison['against']}`:", ""]
-        lines += ["| metric | difference | 95% interval | p (McNemar) | verdict |", "|---|---:|---:|---:|---|"]
+        lines += [
+            "| metric | difference | 95% interval | p (McNemar) | verdict |",
+            "|---|---:|---:|---:|---|",
+        ]
         for metric, c in comparison["metrics"].items():
             lo, hi = c["ci"]
             lines.append(
@@ -91,8 +100,8 @@ def markdown(bodies: list[dict[str, Any]], gates: list[dict[str, Any]] | None = 
                 f"| {g['name']} | {g.get('threshold')} | {g.get('value')} | "
                 f"{'pass' if g['passed'] else 'FAIL'} {g.get('detail') or ''} |"
             )
-    lines += ["", "## Per category", ""] + _category_table(variants)
-    lines += ["", "## Worst examples (candidate)", ""] + _worst_md(first)
+    lines += ["", "## Per category", "", *_category_table(variants)]
+    lines += ["", "## Worst examples (candidate)", "", *_worst_md(first)]
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +153,9 @@ def _bars_svg(bodies: list[dict[str, Any]], variants: dict[str, dict[str, Any]])
             mean, lo, hi = bootstrap_diff([0.0] * len(scores), scores, resamples=500)
             x, y = x0 + vi * bar, height - mean * (height - pad)
             color = COLORS[vi % len(COLORS)]
-            parts.append(f'<rect x="{x}" y="{y:.1f}" width="{bar - 3}" height="{height - y:.1f}" fill="{color}"/>')
+            parts.append(
+                f'<rect x="{x}" y="{y:.1f}" width="{bar - 3}" height="{height - y:.1f}" fill="{color}"/>'
+            )
             ylo, yhi = height - lo * (height - pad), height - hi * (height - pad)
             mid = x + (bar - 3) / 2
             parts.append(f'<line x1="{mid}" x2="{mid}" y1="{ylo:.1f}" y2="{yhi:.1f}" stroke="#000"/>')
@@ -154,7 +165,9 @@ def _bars_svg(bodies: list[dict[str, Any]], variants: dict[str, dict[str, Any]])
             f'transform="rotate(-35 {label_x} {height + 14})">{html.escape(cat[:18])}</text>'
         )
     parts.append(f'<line x1="{pad - 4}" x2="{width}" y1="{height}" y2="{height}" stroke="#444"/>')
-    parts.append(f'<text x="2" y="{pad}" font-size="10">100%</text><text x="2" y="{height}" font-size="10">0</text>')
+    parts.append(
+        f'<text x="2" y="{pad}" font-size="10">100%</text><text x="2" y="{height}" font-size="10">0</text>'
+    )
     return "".join(parts) + "</svg>"
 
 
@@ -168,11 +181,13 @@ def _latency_svg(bodies: list[dict[str, Any]], variants: dict[str, dict[str, Any
         counts = Counter(min(bins - 1, int(v / top * bins)) for v in values)
         peak = max(counts.values(), default=1)
         points = " ".join(
-            f"{pad + b * width / bins:.1f},{height - counts.get(b, 0) / peak * (height - 20):.1f}" for b in range(bins)
+            f"{pad + b * width / bins:.1f},{height - counts.get(b, 0) / peak * (height - 20):.1f}"
+            for b in range(bins)
         )
         color = COLORS[vi % len(COLORS)]
         parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
-        parts.append(f'<text x="{pad + 10}" y="{14 + 12 * vi}" font-size="11" fill="{color}">{html.escape(label)}</text>')
+        name = html.escape(label)
+        parts.append(f'<text x="{pad + 10}" y="{14 + 12 * vi}" font-size="11" fill="{color}">{name}</text>')
     parts.append(f'<text x="{pad}" y="{height + 16}" font-size="10">0 s</text>')
     parts.append(f'<text x="{pad + width - 30}" y="{height + 16}" font-size="10">{top:.2f} s</text>')
     return "".join(parts) + "</svg>"
@@ -206,10 +221,8 @@ def _confusion_html(body: dict[str, Any]) -> str:
     head = "".join(f"<th>{html.escape(p)}</th>" for p in labels)
     rows = []
     for g in labels:
-        tds = "".join(
-            f'<td style="background:rgba(43,108,176,{cells.get((g, p), 0) / peak:.2f})">{cells.get((g, p), 0)}</td>'
-            for p in labels
-        )
+        counts = [cells.get((g, p), 0) for p in labels]
+        tds = "".join(f'<td style="background:rgba(43,108,176,{n / peak:.2f})">{n}</td>' for n in counts)
         rows.append(f"<tr><th>{html.escape(g)}</th>{tds}</tr>")
     return f"<table class=cm><tr><th>gold \\ predicted</th>{head}</tr>{''.join(rows)}</table>"
 
@@ -226,27 +239,36 @@ def html_page(bodies: list[dict[str, Any]], md: str) -> str:
         worst.append(
             f"<tr><td>{html.escape(r['id'])}<br><small>{html.escape(r['category'])}</small></td>"
             f"<td><pre>{html.escape(json.dumps(r['input'], ensure_ascii=False)[:400])}</pre></td>"
-            f"<td><pre>{html.escape(json.dumps(r['expected'], ensure_ascii=False)[:200])}</pre></td>{cells}</tr>"
+            f"<td><pre>{html.escape(json.dumps(r['expected'], ensure_ascii=False)[:200])}</pre></td>"
+            f"{cells}</tr>"
         )
-    heads = "".join(f"<th>{html.escape(k)}</th>" for k in bodies[0]["rows"][0]["answers"]) if bodies[0]["rows"] else ""
+    heads = (
+        "".join(f"<th>{html.escape(k)}</th>" for k in bodies[0]["rows"][0]["answers"])
+        if bodies[0]["rows"]
+        else ""
+    )
     legend = " ".join(
         f'<span style="color:{COLORS[i % len(COLORS)]}">■ {html.escape(k)} {html.escape(v["ref"])}</span>'
         for i, (k, v) in enumerate(variants.items())
     )
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>loom eval {html.escape(bodies[0]["agent"])}</title>
-<style>body{{font:14px system-ui,sans-serif;max-width:1100px;margin:2em auto}}pre{{white-space:pre-wrap;margin:0}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}</style></head><body>
-<h1>loom eval: {html.escape(bodies[0]["agent"])}</h1>
-<details open><summary>Summary (markdown)</summary><pre>{html.escape(md.split("## Per category")[0])}</pre></details>
+    agent = html.escape(bodies[0]["agent"])
+    summary = html.escape(md.split("## Per category")[0])
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>loom eval {agent}</title>
+<style>{STYLE}</style></head><body>
+<h1>loom eval: {agent}</h1>
+<details open><summary>Summary (markdown)</summary><pre>{summary}</pre></details>
 <h2>Accuracy per category (95% intervals)</h2><p>{legend}</p>{_bars_svg(bodies, variants)}
 <h2>Latency</h2>{_latency_svg(bodies, variants)}
 <h2>Confusion matrix (candidate)</h2>{_confusion_html(bodies[0])}
-<h2>Worst examples</h2><table><tr><th>row</th><th>input</th><th>expected</th>{heads}</tr>{"".join(worst)}</table>
+<h2>Worst examples</h2><table><tr><th>row</th><th>input</th><th>expected</th>{heads}</tr>
+{"".join(worst)}</table>
 </body></html>
 """
 
 
-def write_report(bodies: list[dict[str, Any]], out: Path, gates: list[dict[str, Any]] | None = None) -> list[Path]:
+def write_report(
+    bodies: list[dict[str, Any]], out: Path, gates: list[dict[str, Any]] | None = None
+) -> list[Path]:
     if not bodies:
         raise ValueError("no eval results to report")
     out.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,18 @@ def check(
     if reasons:
         kind = "full" if share > t.full_share or age > t.max_age_days else "continue"
     return RetrainCheck(
-        agent, resolved.ref, snap, len(then), len(ids), new, share, feedback, age, bool(reasons), kind, reasons
+        agent,
+        resolved.ref,
+        snap,
+        len(then),
+        len(ids),
+        new,
+        share,
+        feedback,
+        age,
+        bool(reasons),
+        kind,
+        reasons,
     )
 
 
@@ -193,7 +204,9 @@ def snapshot_files(store: Store, ref: str) -> list[Path]:
     return [folder / f.path for f in resolved.manifest.files if f.path != ROW_IDS]
 
 
-def run_steps(store: Store, state: dict[str, Any], steps: dict[str, Step], log: Callable[[str], None]) -> None:
+def run_steps(
+    store: Store, state: dict[str, Any], steps: dict[str, Step], log: Callable[[str], None]
+) -> None:
     """Each step not yet recorded as done, in order; the state is saved after each."""
     for name in STEPS:
         if name in state["steps"]:

@@ -100,15 +100,16 @@ def plan_variants(
     for ref in refs:
         if ref.split("@", 1)[0] != name:
             raise LoomError(
-                f"candidate {ref} is not a version of agent {agent!r}'s adapter {name}; "
-                f"give {name}@<version>"
+                f"candidate {ref} is not a version of agent {agent!r}'s adapter {name}; give {name}@<version>"
             )
     variants = []
     for i, ref in enumerate(dict.fromkeys(refs)):
         label = "candidate" if i == 0 else f"candidate-{i + 1}"
         variants.append(Variant(label, ref, _variant_agent(agent, entry, ref, store, base), []))
     if promoted is not None and promoted not in refs:
-        variants.append(Variant("promoted", promoted, _variant_agent(agent, entry, promoted, store, base), []))
+        variants.append(
+            Variant("promoted", promoted, _variant_agent(agent, entry, promoted, store, base), [])
+        )
     prompt_from = promoted or refs[0]
     base_agent = _variant_agent(agent, entry, prompt_from, store, base)
     variants.append(Variant("base", base.ref or "base", base_agent, [FallbackStep(base=True)]))
