@@ -1,0 +1,1 @@
+"""Evaluation and lineage: golden sets, metrics, promotion gates, tracing versions to their data."""
