@@ -18,6 +18,7 @@ from loom.cli.doctor import doctor
 from loom.cli.evals import eval_command
 from loom.cli.output import err_console
 from loom.cli.serve import serve
+from loom.cli.trace import trace
 from loom.cli.train import train
 from loom.errors import LoomError
 
@@ -45,6 +46,7 @@ app.add_typer(store_cli.app, name="store")
 app.add_typer(data_cli.app, name="data")
 app.add_typer(sources_cli.app, name="sources")
 app.command("train")(train)
+app.command("trace")(trace)
 app.command("doctor")(doctor)
 app.command("serve")(serve)
 app.add_typer(bench_cli.app, name="bench")

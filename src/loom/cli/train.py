@@ -57,6 +57,11 @@ def train(
     dry_run: bool | None = _O(None, "--dry-run", help="Check everything and estimate; train nothing."),
     publish: bool | None = _O(None, "--publish", help="Publish the adapter into the store."),
     adapter_version: str | None = _O(None, "--adapter-version", help="Version (default vYYYYMMDD-HHMM)."),
+    bump: str | None = _O(
+        None,
+        "--bump",
+        help="Version vX.Y.Z after the previous one: major, minor, patch or auto (from lineage).",
+    ),
     alias: str | None = _O(None, "--alias", help="Alias to move to the published version."),
     root: str | None = _O(None, "--store", envvar="LOOM_STORE", help="Store root."),
     as_json: bool = _O(False, "--json", help="Print the training summary as JSON."),
@@ -112,6 +117,8 @@ def _report(result: Any) -> None:
     if result.manifest is not None:
         m = result.manifest
         rows.append(("published", f"{m.name}@{m.version} (agent {m.agent})"))
+    if "version_bump" in s:
+        rows.append(("version bump", f"{s['version_bump']['kind']}: {s['version_bump']['reason']}"))
     for key, value in rows:
         table.add_row(f"[bold]{key}[/]", escape(str(value)))
     console.print(table)

@@ -62,6 +62,7 @@ class TrainConfig(BaseModel):
     dry_run: bool = False
     publish: bool = False
     adapter_version: str | None = None
+    bump: Literal["major", "minor", "patch", "auto"] | None = None  # semver version from the previous
     alias: str | None = None
 
     @field_validator("val_split")

@@ -109,6 +109,10 @@ def _check_environment(cfg: TrainConfig) -> None:
             raise LoomError(f"--report-to {cfg.report_to} needs: pip install {module}") from None
     if cfg.publish and not (cfg.agent and cfg.adapter_name):
         raise LoomError("--publish needs --agent and --adapter-name (where the adapter goes in the store)")
+    if cfg.bump and not cfg.publish:
+        raise LoomError(f"--bump {cfg.bump} names the published version; add --publish (or drop --bump)")
+    if cfg.bump and cfg.adapter_version:
+        raise LoomError("--bump and --adapter-version both name the version; give one of them")
 
 
 def _read(cfg: TrainConfig) -> tuple[ReadReport, ReadReport | None]:
@@ -266,6 +270,10 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
                 f"'loom store import-base' and train on its ref. The adapter is saved in {out_dir}"
             )
         assert cfg.agent and cfg.adapter_name
+        version = cfg.adapter_version
+        if cfg.bump:
+            version = _bump(cfg, store, base, summary)
+            _write_summary(out_dir, summary)  # the published training_summary.json says why
         manifest = publish_adapter(
             store,
             out_dir,
@@ -274,10 +282,22 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
             base=base.ref,
             training_summary=summary,
             source=Source(type="training_run", uri=str(out_dir.resolve())),
-            version=cfg.adapter_version,
+            version=version,
             alias=cfg.alias,
         )
     return TrainResult(out_dir, summary, manifest, example=example, skipped=train_report.skipped)
+
+
+def _bump(cfg: TrainConfig, store: Store, base: BaseChoice, summary: dict[str, Any]) -> str:
+    """The semver version ``--bump`` names, decided just before publishing (the latest previous
+    version is read then); the decision goes into the summary."""
+    from loom.evals.lineage import plan_version
+
+    assert cfg.bump and cfg.adapter_name
+    fingerprint = base.info.fingerprint if base.info else None
+    plan = plan_version(store, cfg.adapter_name, cfg.bump, fingerprint, summary["data"]["snapshot"])
+    summary["version_bump"] = asdict(plan)
+    return plan.version
 
 
 def _file_sha256(path: Path) -> str:

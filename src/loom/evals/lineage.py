@@ -1,0 +1,407 @@
+"""Lineage: semantic version names, and tracing a version (or a response) back to its rows.
+
+Semantic versions follow what existing deployments use: the store version is
+``v1.2.0`` and its label ``name-v1.2.0``, where
+
+- **major**: a new base (the base fingerprint changed);
+- **minor**: retrained with more than 10% new rows (rows of the new dataset
+  snapshot whose ids are not in the previous version's snapshot);
+- **patch**: anything else (hyper-parameters, prompt, a few rows).
+
+The previous version of an adapter is its highest semver-named version; other
+names (``vYYYYMMDD-HHMM``, ``v1``) are ignored. The first semver version of an
+adapter is ``v1.0.0`` whatever the bump: there is no earlier lineage to bump
+from, and ``v0.x`` would read as a pre-release.
+
+A trace goes from ``name@version`` (or a response id in the server's request
+log) to the adapter version, its base, its training summary, its dataset
+snapshot and that snapshot's rows; ``nearest_rows`` finds the training rows
+lexically nearest a text (BM25) to explain a bad answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from loom.data.snapshot import ROW_IDS, describe_rows
+from loom.errors import LoomError, NotFoundError, RefError
+from loom.store.manifest import Manifest
+from loom.store.store import Resolved, Store
+
+BumpKind = Literal["major", "minor", "patch"]
+BUMPS = ("major", "minor", "patch", "auto")
+FIRST_VERSION = (1, 0, 0)
+NEW_ROWS_FOR_MINOR = 0.10  # "retrained with > 10% new rows" in existing practice
+KEY_HYPERPARAMETERS = (
+    "learning_rate", "epochs", "max_steps", "train_batch_size", "gradient_accumulation", "adapter_r",
+    "adapter_alpha", "adapter_dropout", "target_modules", "max_seq_length", "packing", "qlora", "seed",
+)  # fmt: skip
+_SEMVER = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
+_LABEL = re.compile(r"^(?P<name>.+)-(?P<version>v\d+\.\d+\.\d+)$")
+
+
+# ------------------------------------------------------------------ semantic versions
+def parse_semver(version: str) -> tuple[int, int, int] | None:
+    """``v1.2.0`` -> (1, 2, 0); any other version name -> None."""
+    m = _SEMVER.match(version)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def semver_label(name: str, version: str) -> str:
+    """The label deployments use: ``name-v1.2.0``."""
+    return f"{name}-{version}"
+
+
+def bumped(version: tuple[int, int, int], kind: BumpKind) -> tuple[int, int, int]:
+    major, minor, patch = version
+    if kind == "major":
+        return (major + 1, 0, 0)
+    if kind == "minor":
+        return (major, minor + 1, 0)
+    return (major, minor, patch + 1)
+
+
+@dataclass(frozen=True)
+class VersionPlan:
+    """The version a bump names, and why (recorded in the training summary)."""
+
+    version: str
+    kind: BumpKind | None  # None: the first semver version, nothing to bump from
+    reason: str
+    previous: str | None  # name@version it follows
+
+
+def previous_version(store: Store, adapter_name: str) -> Resolved | None:
+    """The adapter's highest semver-named version, or None when it has none (or no versions)."""
+    try:
+        artifact = store.find(adapter_name)
+    except NotFoundError:
+        return None
+    if artifact.kind != "adapter":
+        raise LoomError(
+            f"--adapter-name {adapter_name}: the store already has a {artifact.kind} of that name; "
+            f"pick another adapter name"
+        )
+    named = [(s, v) for v in store.versions(artifact) if (s := parse_semver(v)) is not None]
+    if not named:
+        return None
+    version = max(named)[1]
+    return Resolved(artifact, version, store.manifest(artifact, version))
+
+
+def lineage_of(manifest: Manifest) -> tuple[str | None, str | None]:
+    """(base fingerprint, dataset snapshot ref) an adapter version was trained from."""
+    summary = manifest.training_summary or {}
+    fingerprint = manifest.adapter.base_fingerprint if manifest.adapter else None
+    fingerprint = fingerprint or (summary.get("base") or {}).get("fingerprint")
+    return fingerprint, (summary.get("data") or {}).get("snapshot")
+
+
+def snapshot_row_ids(store: Store, snapshot_ref: str) -> list[str]:
+    """The row ids a dataset snapshot recorded (``row_ids.txt``), in order."""
+    resolved = _resolve_snapshot(store, snapshot_ref)
+    rel = f"{resolved.rel}/{ROW_IDS}"
+    if not store.backend.exists(rel):
+        raise LoomError(f"dataset snapshot {resolved.ref} has no {ROW_IDS}; re-snapshot its files")
+    return [line for line in store.backend.read_bytes(rel).decode().splitlines() if line]
+
+
+def new_row_share(store: Store, previous_snapshot: str | None, snapshot_ref: str) -> float:
+    """Share of ``snapshot_ref``'s rows whose ids are not in ``previous_snapshot`` (None: all new)."""
+    ids = snapshot_row_ids(store, snapshot_ref)
+    if not ids:
+        return 0.0
+    old = set(snapshot_row_ids(store, previous_snapshot)) if previous_snapshot else set()
+    return sum(1 for i in ids if i not in old) / len(ids)
+
+
+def bump_kind(
+    store: Store, previous: Manifest, base_fingerprint: str | None, snapshot_ref: str | None
+) -> tuple[BumpKind, str]:
+    """What ``--bump auto`` picks after ``previous``, and why."""
+    old_fingerprint, old_snapshot = lineage_of(previous)
+    if base_fingerprint != old_fingerprint:
+        return "major", f"base fingerprint changed ({_short(old_fingerprint)} -> {_short(base_fingerprint)})"
+    if snapshot_ref is None:
+        return "patch", "no dataset snapshot to compare (trained from --dataset-name?); same base"
+    if snapshot_ref == old_snapshot:
+        return "patch", f"same base and same dataset snapshot {snapshot_ref}"
+    share = new_row_share(store, old_snapshot, snapshot_ref)
+    where = f"not in {old_snapshot}" if old_snapshot else "the previous version records no snapshot"
+    if share > NEW_ROWS_FOR_MINOR:
+        return "minor", f"{share:.1%} of {snapshot_ref}'s rows are new ({where}), over 10%"
+    return "patch", f"{share:.1%} of {snapshot_ref}'s rows are new ({where}), 10% or less"
+
+
+def plan_version(
+    store: Store, adapter_name: str, bump: str, base_fingerprint: str | None, snapshot_ref: str | None
+) -> VersionPlan:
+    """The next ``vMAJOR.MINOR.PATCH`` of ``adapter_name`` for ``bump`` (major, minor, patch, auto)."""
+    if bump not in BUMPS:
+        raise LoomError(f"--bump {bump}: unknown; use one of {', '.join(BUMPS)}")
+    prev = previous_version(store, adapter_name)
+    if prev is None:
+        first = "v{}.{}.{}".format(*FIRST_VERSION)
+        return VersionPlan(first, None, f"first semver version of {adapter_name}", None)
+    if bump == "auto":
+        kind, reason = bump_kind(store, prev.manifest, base_fingerprint, snapshot_ref)
+    else:
+        kind, reason = cast(BumpKind, bump), f"--bump {bump}"
+    old = parse_semver(prev.version)
+    assert old is not None  # previous_version only returns semver names
+    return VersionPlan("v{}.{}.{}".format(*bumped(old, kind)), kind, reason, prev.ref)
+
+
+def next_version(
+    store: Store, adapter_name: str, bump: str, base_fingerprint: str | None, snapshot_ref: str | None
+) -> str:
+    """The version name ``loom train --bump`` publishes under, e.g. ``v1.3.0``."""
+    return plan_version(store, adapter_name, bump, base_fingerprint, snapshot_ref).version
+
+
+def _short(fingerprint: str | None) -> str:
+    return fingerprint[:12] if fingerprint else "none"
+
+
+# ------------------------------------------------------------------ trace
+@dataclass
+class SnapshotFacts:
+    ref: str
+    files: list[dict[str, Any]]  # path, size, sha256 of the data files
+    rows: int | None
+    content_sha256: str | None
+
+
+@dataclass
+class Trace:
+    """A model version's lineage, JSON-ready (``asdict``)."""
+
+    ref: str  # name@version
+    kind: str  # adapter or base
+    agent: str | None
+    label: str | None  # name-v1.2.0 for semver versions
+    created_at: str
+    base: dict[str, Any]  # ref, fingerprint
+    training: dict[str, Any]  # key hyper-parameters, prompt, outcome
+    snapshot: SnapshotFacts | None
+    problems: list[str] = field(default_factory=list)
+    response_id: str | None = None
+    model_version: dict[str, Any] | None = None  # as the response recorded it
+    query: str | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # row_id, score, row
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def key_hyperparameters(summary: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters worth showing beside a version (from its training summary)."""
+    hp = summary.get("hyperparameters") or {}
+    return {k: hp[k] for k in KEY_HYPERPARAMETERS if k in hp}
+
+
+def _training_facts(summary: dict[str, Any]) -> dict[str, Any]:
+    outcome = ("status", "steps", "final_train_loss", "final_eval_loss", "started_at", "ended_at")
+    return {
+        "hyperparameters": key_hyperparameters(summary),
+        "prompt": summary.get("prompting") or {},
+        **{k: summary[k] for k in outcome if k in summary},
+        **({"version_bump": summary["version_bump"]} if "version_bump" in summary else {}),
+    }
+
+
+def trace(store: Store, ref: str) -> Trace:
+    """The lineage of a model version: ``name@version``, ``name`` (current) or ``name-v1.2.0``."""
+    resolved = _resolve_model(store, ref)
+    m = resolved.manifest
+    summary = m.training_summary or {}
+    base: dict[str, str | None]
+    if m.kind == "adapter" and m.adapter is not None:
+        base = {"ref": m.adapter.base_ref, "fingerprint": m.adapter.base_fingerprint}
+    else:
+        base = {"ref": resolved.ref, "fingerprint": m.base.fingerprint if m.base else None}
+    out = Trace(
+        ref=resolved.ref,
+        kind=m.kind,
+        agent=m.agent,
+        label=semver_label(m.name, m.version) if parse_semver(m.version) else None,
+        created_at=m.created_at.isoformat(),
+        base=base,
+        training=_training_facts(summary) if summary else {},
+        snapshot=None,
+    )
+    if m.kind == "adapter":
+        _, snapshot_ref = lineage_of(m)
+        if snapshot_ref is None:
+            out.problems.append(f"{resolved.ref} records no dataset snapshot (trained from a hub dataset?)")
+        else:
+            try:
+                out.snapshot = snapshot_facts(store, snapshot_ref)
+            except NotFoundError as exc:
+                out.problems.append(f"dataset snapshot {snapshot_ref} is no longer in the store ({exc})")
+    return out
+
+
+def snapshot_facts(store: Store, snapshot_ref: str) -> SnapshotFacts:
+    resolved = _resolve_snapshot(store, snapshot_ref)
+    facts = resolved.manifest.dataset or {}
+    files = [f.model_dump() for f in resolved.manifest.files if f.path != ROW_IDS]
+    return SnapshotFacts(resolved.ref, files, facts.get("rows"), facts.get("content_sha256"))
+
+
+def _resolve_model(store: Store, ref: str) -> Resolved:
+    try:
+        resolved = store.resolve(ref)
+    except (NotFoundError, RefError):
+        label = _LABEL.match(ref)
+        if label is None or "@" in ref:
+            raise
+        resolved = store.resolve(f"{label['name']}@{label['version']}")  # name-v1.2.0
+    if resolved.manifest.kind == "dataset":
+        raise LoomError(
+            f"{ref} is a dataset snapshot, not a model version; trace an adapter or base "
+            f"(name@version) or a response id"
+        )
+    return resolved
+
+
+def _resolve_snapshot(store: Store, snapshot_ref: str) -> Resolved:
+    resolved = store.resolve(snapshot_ref)
+    if resolved.manifest.kind != "dataset":
+        raise LoomError(f"{snapshot_ref} is a {resolved.manifest.kind}, not a dataset snapshot")
+    return resolved
+
+
+# ------------------------------------------------------------------ nearest rows (BM25)
+def snapshot_rows(store: Store, snapshot_ref: str) -> list[tuple[str, Any]]:
+    """Every row of a snapshot as (row id, parsed row), ids as the snapshot recorded them."""
+    from loom.store.cache import materialize
+
+    resolved = _resolve_snapshot(store, snapshot_ref)
+    folder = materialize(store, resolved)
+    rows: list[tuple[str, Any]] = []
+    for entry in resolved.manifest.files:
+        if entry.path == ROW_IDS:
+            continue
+        path = folder / entry.path
+        _facts, ids = describe_rows([path], sha256=entry.sha256)  # the snapshot's own id rule
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows += [(row_id, _parse_row(line)) for row_id, line in zip(ids, lines, strict=True)]
+    return rows
+
+
+def _parse_row(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return line
+
+
+def row_text(row: Any) -> str:
+    """Every string in a row (prompt, response, messages...), the row's ``id`` left out."""
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict):
+        return " ".join(row_text(v) for k, v in row.items() if k != "id")
+    if isinstance(row, list):
+        return " ".join(row_text(v) for v in row)
+    return "" if row is None else str(row)
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def nearest_rows(store: Store, snapshot_ref: str, query: str, k: int = 5) -> list[tuple[str, float, Any]]:
+    """The ``k`` rows of a snapshot nearest ``query`` by BM25, best first: (row id, score, row).
+
+    Rows sharing no word with the query are left out (their score is 0)."""
+    from rank_bm25 import BM25Okapi
+
+    if k < 1:
+        raise LoomError(f"--top {k}: must be at least 1")
+    words = _tokens(query)
+    if not words:
+        raise LoomError(f"--query {query!r}: has no words to search for; give some text of the answer")
+    rows = snapshot_rows(store, snapshot_ref)
+    if not rows:
+        return []
+    # BM25Okapi divides by the mean document length: a corpus of empty rows would divide by 0
+    corpus = [_tokens(row_text(row)) or [""] for _id, row in rows]
+    scores = BM25Okapi(corpus).get_scores(words)
+    ranked = sorted(range(len(rows)), key=lambda i: -scores[i])
+    return [(rows[i][0], float(scores[i]), rows[i][1]) for i in ranked[:k] if scores[i] > 0]
+
+
+def add_nearest_rows(store: Store, out: Trace, query: str | None, k: int = 5) -> Trace:
+    """Fill ``out.rows`` with the rows of its snapshot nearest ``query`` (nothing when it is None)."""
+    if query is None:
+        return out
+    if out.snapshot is None:
+        raise LoomError(
+            f"--query needs a dataset snapshot, but {out.ref} has none: "
+            + ("; ".join(out.problems) or "it is a base model, not a trained adapter")
+        )
+    out.query = query
+    found = nearest_rows(store, out.snapshot.ref, query, k)
+    out.rows = [{"row_id": i, "score": round(s, 4), "row": row} for i, s, row in found]
+    return out
+
+
+# ------------------------------------------------------------------ responses
+def response_model_version(response_id: str, log_path: str | Path) -> dict[str, Any]:
+    """The ``model_version`` the server recorded for ``response_id`` in its request log."""
+    try:
+        from loom.serve.requestlog import RequestLog
+    except ImportError:
+        raise LoomError(
+            f"cannot look up response id {response_id!r}: this Loom has no request log "
+            f"(loom.serve.requestlog); trace the model version instead (name@version)"
+        ) from None
+    if not Path(log_path).exists():
+        raise NotFoundError(f"--log {log_path}: no request log there; give the server's request log file")
+    try:
+        entry = RequestLog(log_path).get(response_id)
+    except KeyError:
+        entry = None
+    if entry is None:
+        raise NotFoundError(
+            f"response id {response_id!r} is not in the request log {log_path}; check the id "
+            f"(the 'id' field or header of the response) and the log's retention"
+        )
+    return dict(entry.model_version)
+
+
+def _is_model(store: Store, target: str) -> bool:
+    try:
+        _resolve_model(store, target)
+    except (NotFoundError, RefError):
+        return False
+    return True
+
+
+def trace_target(
+    store: Store, target: str, log_path: str | Path | None = None, query: str | None = None, k: int = 5
+) -> Trace:
+    """What ``loom trace`` does: ``target`` is a model ref, or a response id looked up in ``log_path``."""
+    if "@" in target or _is_model(store, target):
+        return add_nearest_rows(store, trace(store, target), query, k)
+    if log_path is None:
+        raise NotFoundError(
+            f"{target}: no model version of that name in store {store.url} (see 'loom store ls'); "
+            f"to trace a response id, pass --log PATH (the server's request log)"
+        )
+    model_version = response_model_version(target, log_path)
+    answered = model_version.get("adapter") or model_version.get("base")
+    if not answered:
+        raise LoomError(
+            f"response {target!r} was answered by a fallback, not a model (model_version "
+            f"{model_version}); there is no training data to trace"
+        )
+    out = trace(store, str(answered))
+    out.response_id, out.model_version = target, model_version
+    return add_nearest_rows(store, out, query, k)
