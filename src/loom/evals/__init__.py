@@ -1,0 +1,1 @@
+"""Evaluation: golden sets, metrics, reports, promotion gates."""
