@@ -12,6 +12,7 @@ from loom.cli import agents as agents_cli
 from loom.cli import bench as bench_cli
 from loom.cli import data as data_cli
 from loom.cli import golden as golden_cli
+from loom.cli import promote as promote_cli
 from loom.cli import sources as sources_cli
 from loom.cli import store as store_cli
 from loom.cli.doctor import doctor
@@ -53,6 +54,9 @@ app.add_typer(bench_cli.app, name="bench")
 app.add_typer(agents_cli.app, name="agents")
 app.command("eval")(eval_command)
 app.add_typer(golden_cli.app, name="golden")
+app.command("promote")(promote_cli.promote_cmd)
+app.command("rollback")(promote_cli.rollback_cmd)
+app.command("versions")(promote_cli.versions_cmd)
 
 
 @app.callback(invoke_without_command=True)

@@ -330,9 +330,11 @@ def rollback(
     alias: str = typer.Option("current", "--alias", help="Alias to move back."),
     root: str | None = StoreOpt,
 ) -> None:
-    """Move ALIAS (default current) back to its previous target."""
-    f = _store(root).rollback(name, alias)
-    console.print(f"{name}@{alias} rolled back to {f.version}")
+    """Move ALIAS (default current) back to its previous target (logged, like 'loom rollback')."""
+    from loom.evals.promotion import rollback as logged_rollback
+
+    event = logged_rollback(_store(root), name, alias)
+    console.print(f"{name}@{alias} rolled back to {event.to_version}")
 
 
 @app.command("gc")

@@ -2,7 +2,9 @@
 
 Checks per version: the manifest validates and names its folder; every
 listed file exists with the listed size and sha256; nothing unlisted is in the
-folder; adapters name a base that exists, with the same fingerprint, are
+folder but eval results (``evals/<id>.json``, written after publishing, each
+sealed with its own sha256: ``loom.store.sealed``); adapters name a base that
+exists, with the same fingerprint, are
 plain LoRA as Loom serves it (``AdapterSpec``), and every LoRA matrix fits
 that base's module shapes. ``dry_run`` skips hashing
 (paths, sizes, manifests and shapes only, no weights read).
@@ -20,7 +22,11 @@ from loom.store.facts import TensorInfo, read_safetensors_header
 from loom.store.hashing import Progress, sha256_stream
 from loom.store.layout import ArtifactPath
 from loom.store.manifest import MANIFEST_NAME, Manifest
+from loom.store.sealed import unseal
 from loom.store.store import Store
+
+# Eval results live beside a version in this folder; they are not in its manifest.
+EVALS_DIR = "evals"
 
 
 @dataclass
@@ -67,7 +73,8 @@ def verify_version(
         report.problems.append(f"{ref}: manifest says {got} but the folder is {expect}")
     present = set(store.backend.list_files(rel)) - {MANIFEST_NAME, CLAIM}
     listed = {f.path for f in manifest.files}
-    for extra in sorted(present - listed):
+    evals = {p for p in present - listed if _is_eval_file(p)}
+    for extra in sorted(present - listed - evals):
         report.problems.append(f"{ref}: unexpected file {extra} (not in the manifest)")
     tick = progress(manifest.total_bytes) if progress and not dry_run else None
     for f in manifest.files:
@@ -91,7 +98,24 @@ def verify_version(
         report.checked_bytes += f.size
     if manifest.kind == "adapter" and not report.problems:
         report.problems += _adapter_fit(store, rel, manifest)
+    for path in sorted(evals):
+        report.problems += _eval_problems(store, ref, f"{rel}/{path}", path)
     return report
+
+
+def _is_eval_file(path: str) -> bool:
+    folder, _, name = path.partition("/")
+    return folder == EVALS_DIR and "/" not in name and name.endswith(".json") and not name.startswith(".")
+
+
+def _eval_problems(store: Store, ref: str, rel: str, path: str) -> list[str]:
+    """An eval file's own seal (small files: checked in a dry run too)."""
+    fix = f"delete it and run 'loom eval' again (eval files are not part of {ref})"
+    try:
+        unseal(store.backend.read_bytes(rel), f"{ref}: eval file {path}", fix)
+    except LoomError as exc:
+        return [str(exc)]
+    return []
 
 
 def _adapter_fit(store: Store, rel: str, manifest: Manifest) -> list[str]:
