@@ -195,6 +195,10 @@ def test_every_flipped_byte_of_an_eval_file_is_caught() -> None:
         flipped = data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
         with pytest.raises(IntegrityError, match="is damaged"):
             unseal(flipped, "f", "fix")
+    # the same body and seal laid out another way (an edit that kept the JSON equal) is caught too
+    relaid = json.dumps(json.loads(data), indent=4).encode()
+    with pytest.raises(IntegrityError, match="bytes differ from how it was written"):
+        unseal(relaid, "f", "fix")
 
 
 def test_flipped_byte_reported_by_verify_and_list_evals(two_versions: Store, tmp_path: Path) -> None:
