@@ -128,6 +128,8 @@ def test_candidate_promoted_and_base_side_by_side_in_one_batched_run(
     (body,) = run.bodies
     assert body["subject"] == "intent@v2" and body["golden"]["rows"] == len(ROWS)
     assert set(body["variants"]) == {"candidate", "promoted", "base"}
+    answered = {label: {r["answers"][label]["adapter"] for r in body["rows"]} for label in body["variants"]}
+    assert answered == {"candidate": {"intent@v2"}, "promoted": {"intent@v1"}, "base": {None}}
     # the stored numbers are the rows' grades: recompute accuracy from the raw answers
     for label, variant in body["variants"].items():
         right = []

@@ -136,6 +136,7 @@ def row_record(row: GoldenRow, outs: dict[str, Outcome], grades: dict[str, Grade
         "answers": {
             name: {
                 "raw": out.raw,
+                "adapter": out.adapter,
                 "error": out.error,
                 "score": grades[name].score,
                 "valid": grades[name].valid,

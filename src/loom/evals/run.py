@@ -54,6 +54,7 @@ class Outcome:
     latency_s: float
     citations: list[str] = field(default_factory=list)
     low_confidence: bool = False
+    adapter: str | None = None  # the adapter version that answered (None: the base alone)
 
     @classmethod
     def of(cls, result: AgentResult) -> Outcome:
@@ -64,6 +65,7 @@ class Outcome:
             latency_s=result.latency_s,
             citations=[str(c.get("id")) for c in result.citations],
             low_confidence=result.confidence.get("level") == "low",
+            adapter=result.model_version.get("adapter"),
         )
 
 
