@@ -13,6 +13,7 @@ from loom.cli import bench as bench_cli
 from loom.cli import data as data_cli
 from loom.cli import golden as golden_cli
 from loom.cli import promote as promote_cli
+from loom.cli import retrain as retrain_cli
 from loom.cli import sources as sources_cli
 from loom.cli import store as store_cli
 from loom.cli.doctor import doctor
@@ -54,6 +55,7 @@ app.add_typer(bench_cli.app, name="bench")
 app.add_typer(agents_cli.app, name="agents")
 app.command("eval")(eval_command)
 app.add_typer(golden_cli.app, name="golden")
+app.add_typer(retrain_cli.app, name="retrain")
 app.command("promote")(promote_cli.promote_cmd)
 app.command("rollback")(promote_cli.rollback_cmd)
 app.command("versions")(promote_cli.versions_cmd)

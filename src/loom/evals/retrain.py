@@ -175,6 +175,7 @@ def plan(
         "from": resolved.ref,
         "version": version or auto_version(now),
         "files": files,
+        "extra_rows": sum(_rows_in(p) for p in extra_files),
         "golden": golden,
         "created_at": now.isoformat(timespec="seconds"),
         "status": "running",
@@ -184,6 +185,10 @@ def plan(
         raise LoomError(f"{resolved.artifact.name}@{state['version']} exists already; give another --version")
     save_state(store, state)
     return state
+
+
+def _rows_in(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 # ------------------------------------------------------------------ the steps
