@@ -11,6 +11,7 @@ from loom import __version__
 from loom.cli import agents as agents_cli
 from loom.cli import bench as bench_cli
 from loom.cli import data as data_cli
+from loom.cli import feedback as feedback_cli
 from loom.cli import sources as sources_cli
 from loom.cli import store as store_cli
 from loom.cli.doctor import doctor
@@ -47,6 +48,7 @@ app.command("doctor")(doctor)
 app.command("serve")(serve)
 app.add_typer(bench_cli.app, name="bench")
 app.add_typer(agents_cli.app, name="agents")
+app.add_typer(feedback_cli.app, name="feedback")
 
 
 @app.callback(invoke_without_command=True)
