@@ -22,9 +22,10 @@ from loom.errors import LoomError
 from loom.serve.agents import ServedAgents
 from loom.serve.auth import require_key
 from loom.serve.errors import APIError
-from loom.serve.requestlog import Stamp, new_response_id, request_log_of, route_of
+from loom.serve.requestlog import new_response_id
 from loom.serve.schemas import AgentRunRequest
 from loom.serve.service import Service, service_of
+from loom.serve.stamp import Stamp, request_log_of, route_of
 
 router = APIRouter()
 

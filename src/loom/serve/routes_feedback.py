@@ -16,7 +16,8 @@ from pydantic_core import PydanticCustomError
 
 from loom.serve.auth import require_key
 from loom.serve.errors import APIError
-from loom.serve.requestlog import RATINGS, RESPONSE_ID_HEADER, Feedback, request_log_of
+from loom.serve.requestlog import RATINGS, RESPONSE_ID_HEADER, Feedback
+from loom.serve.stamp import request_log_of
 
 router = APIRouter()
 

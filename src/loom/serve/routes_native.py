@@ -18,10 +18,11 @@ from loom.serve.errors import APIError
 from loom.serve.pools import take_rows
 from loom.serve.prompts import text_prompt_ids
 from loom.serve.registry import Target
-from loom.serve.requestlog import Stamp, new_response_id, stamp_for
+from loom.serve.requestlog import new_response_id
 from loom.serve.schemas import ChatRequest, GenerateRequest
 from loom.serve.service import Job, Service, resolve_target, service_of
 from loom.serve.sse import event, streaming
+from loom.serve.stamp import Stamp, stamp_for
 
 router = APIRouter()
 

@@ -20,7 +20,6 @@ from loom.serve.errors import APIError
 from loom.serve.pools import Grant, take_rows
 from loom.serve.prompts import text_prompt_ids
 from loom.serve.registry import Target
-from loom.serve.requestlog import Stamp, stamp_for
 from loom.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -30,6 +29,7 @@ from loom.serve.schemas import (
 )
 from loom.serve.service import Job, Service, resolve_target, service_of
 from loom.serve.sse import DONE, event, merge, streaming
+from loom.serve.stamp import Stamp, stamp_for
 
 router = APIRouter()
 
