@@ -11,6 +11,7 @@ from loom import __version__
 from loom.cli import agents as agents_cli
 from loom.cli import bench as bench_cli
 from loom.cli import data as data_cli
+from loom.cli import feedback as feedback_cli
 from loom.cli import golden as golden_cli
 from loom.cli import promote as promote_cli
 from loom.cli import retrain as retrain_cli
@@ -59,6 +60,7 @@ app.add_typer(retrain_cli.app, name="retrain")
 app.command("promote")(promote_cli.promote_cmd)
 app.command("rollback")(promote_cli.rollback_cmd)
 app.command("versions")(promote_cli.versions_cmd)
+app.add_typer(feedback_cli.app, name="feedback")
 
 
 @app.callback(invoke_without_command=True)

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from loom.cli.output import console, print_json
+from loom.errors import LoomError
 
 _O = typer.Option
 
@@ -67,6 +68,19 @@ def serve(
     stub: bool = _O(False, "--stub", help="Test mode: a tiny random model instead of the base."),
     as_json: bool = _O(False, "--json", help="With --dry-run: print the plan as JSON."),
     log_level: str = _O("info", "--log-level"),
+    request_log: str | None = _O(
+        None,
+        "--request-log",
+        help="SQLite file logging every response (id, version, input, output, latency) and the feedback "
+        "posted on them (POST /v1/feedback), or 'off'. Default: requests.sqlite beside a local store "
+        "(<store root>/../requests.sqlite); for an s3:// store, in Loom's user data folder.",
+    ),
+    request_log_retention: int = _O(
+        100_000, "--request-log-retention", help="Rows kept; the oldest go first (never those with feedback)."
+    ),
+    log_prompts: str = _O(
+        "on", "--log-prompts", help="on, or off: keep inputs (prompts, payloads) out of the log."
+    ),
     require_keys: bool = _O(
         False,
         "--require-keys",
@@ -84,6 +98,8 @@ def serve(
     from loom.serve.server import run
     from loom.store import Store
 
+    if log_prompts not in ("on", "off"):
+        raise LoomError(f"--log-prompts {log_prompts!r}: give on or off")
     cfg = ServeConfig(
         base=base,
         host=host,
@@ -111,6 +127,9 @@ def serve(
         default_max_tokens=default_max_tokens,
         stub=stub,
         require_keys=require_keys,
+        request_log=_request_log_path(request_log),
+        request_log_retention=request_log_retention,
+        log_prompts=log_prompts == "on",
     )
     if dry_run:
         served = ServedAgents(agents)
@@ -155,3 +174,12 @@ def serve(
     app = create_app(cfg)  # refuses --require-keys without keys before printing an address
     console.print(f"loom serve: http://{host}:{port} (OpenAI API under /v1, docs at /docs)")
     run(app, host, port, log_level)
+
+
+def _request_log_path(given: str | None) -> Path | None:
+    from loom.config import settings
+    from loom.serve.requestlog import default_log_path
+
+    if given is None:
+        return default_log_path(settings().store_root)
+    return None if given.lower() == "off" else Path(given).expanduser()

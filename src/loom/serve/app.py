@@ -3,6 +3,7 @@ and the ASGI guards (body size, request metrics)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -23,6 +24,7 @@ from loom.serve.leasing import ServingLeases
 from loom.serve.plan import QUANTIZED_ORDER, ServePlan, make_plan, plan_from_store
 from loom.serve.pools import PoolManager
 from loom.serve.registry import ModelRegistry
+from loom.serve.requestlog import open_log
 from loom.serve.service import Service
 from loom.store.manifest import ArchitectureFacts
 from loom.store.store import Store
@@ -57,17 +59,21 @@ def create_app(cfg: ServeConfig, store: Store | None = None, engine: Engine | No
             service.engine.shutdown()
         if service.leases is not None:
             service.leases.close()
+        if app.state.request_log is not None:  # writes what is still queued
+            await asyncio.to_thread(app.state.request_log.close)
 
     app = FastAPI(title="Loom", version=__version__, lifespan=lifespan)
     app.state.service = service
     app.state.pools = PoolManager(service)
+    app.state.request_log = open_log(cfg.request_log, cfg.request_log_retention, cfg.log_prompts)
     install_handlers(app)
-    from loom.serve import routes_admin, routes_agents, routes_native, routes_openai
+    from loom.serve import routes_admin, routes_agents, routes_feedback, routes_native, routes_openai
 
     app.include_router(routes_openai.router)
     app.include_router(routes_native.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_agents.router)
+    app.include_router(routes_feedback.router)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     app.add_middleware(RequestMetrics, service=service)  # outermost: it also counts the 413s
     return app

@@ -48,3 +48,8 @@ class ServeConfig:
     max_sessions: int = 1000
     max_session_messages: int = 40
     stub: bool = False  # documented test mode: a tiny random model instead of the base
+    # the request log (loom.serve.requestlog): one SQLite row per response, and the feedback on them.
+    # None: off (`loom serve` defaults to requests.sqlite beside the store: --request-log)
+    request_log: Path | None = None
+    request_log_retention: int = 100_000  # rows; the oldest beyond it are deleted (not those with feedback)
+    log_prompts: bool = True  # False: inputs (prompts, payloads) stay out of the log

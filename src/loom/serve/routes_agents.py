@@ -3,14 +3,18 @@
 A run takes ``{"input": {...}}`` (one payload) or ``{"inputs": [...]}`` (a batch that goes through
 the engine together). Every payload is checked against the agent's input schema before anything
 runs (a bad one is a 400 naming it); a batch answers every payload, a payload whose whole chain
-failed carrying its ``error``."""
+failed carrying its ``error``.
+
+Each result has its own ``response_id`` (feedback names it) beside its ``model_version``; the
+``X-Loom-Response-Id`` and ``X-Loom-Model-Version`` headers carry the one result's, or for a
+batch the comma-separated list of every result's in input order."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from loom.agents.agent import Agent
 from loom.agents.result import AgentResult
@@ -18,8 +22,10 @@ from loom.errors import LoomError
 from loom.serve.agents import ServedAgents
 from loom.serve.auth import require_key
 from loom.serve.errors import APIError
+from loom.serve.requestlog import new_response_id
 from loom.serve.schemas import AgentRunRequest
 from loom.serve.service import Service, service_of
+from loom.serve.stamp import Stamp, request_log_of, route_of
 
 router = APIRouter()
 
@@ -65,7 +71,7 @@ async def show_agent(name: str, request: Request) -> dict[str, Any]:
 
 
 @router.post("/v1/agents/{name}/run", dependencies=[Depends(require_key)])
-async def run_agent(name: str, body: AgentRunRequest, request: Request) -> dict[str, Any]:
+async def run_agent(name: str, body: AgentRunRequest, request: Request, response: Response) -> dict[str, Any]:
     service, served = _served(request)
     agent = _agent(served, name)
     if (body.input is None) == (body.inputs is None):
@@ -94,18 +100,37 @@ async def run_agent(name: str, body: AgentRunRequest, request: Request) -> dict[
         results = await loop.run_in_executor(served.pool, runtime.run_many, agent, payloads)
     finally:
         admission.release()
-    for result in results:
+    stamps = [_stamp(request, r, p) for r, p in zip(results, payloads, strict=True)]
+    for result, stamp in zip(results, stamps, strict=True):
         _observe(service, result)
+        ok = result.error is None
+        stamp.done(result.raw if ok else None, "ok" if ok else "error", latency_s=result.latency_s)
+    headers = {k: ",".join(s.headers()[k] for s in stamps) for k in stamps[0].headers()}
+    response.headers.update(headers)
     if body.input is not None:
         result = results[0]
         if result.error is not None:
-            raise APIError(502, result.error, "server_error", "agent_failed")
-        return _body(result)
-    return {"object": "list", "data": [_body(r) for r in results]}
+            raise APIError(502, result.error, "server_error", "agent_failed", headers=headers)
+        return _body(result, stamps[0])
+    return {"object": "list", "data": [_body(r, s) for r, s in zip(results, stamps, strict=True)]}
 
 
-def _body(result: AgentResult) -> dict[str, Any]:
-    out = result.to_dict()
+def _stamp(request: Request, result: AgentResult, payload: dict[str, Any]) -> Stamp:
+    mv = result.model_version
+    step = result.fallback
+    return Stamp(
+        new_response_id("agent"),
+        {"base": mv.get("base"), "adapter": mv.get("adapter")},
+        route_of(request),
+        result.agent,
+        payload,
+        request_log_of(request),
+        answered_by=f"{step.kind}:{step.ref}" if step.ref else step.kind,
+    )
+
+
+def _body(result: AgentResult, stamp: Stamp) -> dict[str, Any]:
+    out = {"response_id": stamp.response_id, **result.to_dict()}
     if out["error"] is None:
         del out["error"]
     return out

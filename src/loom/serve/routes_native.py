@@ -18,9 +18,11 @@ from loom.serve.errors import APIError
 from loom.serve.pools import take_rows
 from loom.serve.prompts import text_prompt_ids
 from loom.serve.registry import Target
+from loom.serve.requestlog import new_response_id
 from loom.serve.schemas import ChatRequest, GenerateRequest
 from loom.serve.service import Job, Service, resolve_target, service_of
 from loom.serve.sse import event, streaming
+from loom.serve.stamp import Stamp, stamp_for
 
 router = APIRouter()
 
@@ -31,12 +33,13 @@ async def _target(request: Request, agent: str | None, adapter: str | None) -> T
     return await resolve_target(request, agent or adapter)
 
 
-def _answer(job: Job, completion: Any, **extra: Any) -> dict[str, Any]:
+def _answer(job: Job, completion: Any, stamp: Stamp, **extra: Any) -> dict[str, Any]:
     generated = len(completion.token_ids)
     return {
+        "response_id": stamp.response_id,
         **extra,
         "model": job.target.model,
-        "model_version": completion.adapter or None,
+        "model_version": stamp.version,  # the adapter version that answered, else the base's
         "finish_reason": completion.finish_reason,
         "usage": {
             "prompt_tokens": len(job.ids),
@@ -49,9 +52,10 @@ def _answer(job: Job, completion: Any, **extra: Any) -> dict[str, Any]:
 
 
 @router.post("/generate", dependencies=[Depends(require_key)])
-async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+async def generate(body: GenerateRequest, request: Request, response: Response) -> dict[str, Any]:
     service = service_of(request)
     target = await _target(request, body.agent, body.adapter)
+    stamp = stamp_for(request, target, new_response_id("gen"), body.prompt)
     params = SamplingParams(
         max_new_tokens=body.max_tokens or service.cfg.default_max_tokens,
         temperature=body.temperature,
@@ -71,7 +75,9 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
         (done,) = await service.run(request, [job])
     finally:
         grant.release()
-    return _answer(job, done, text=done.text)
+    stamp.done(done.text)
+    stamp.apply(response)
+    return _answer(job, done, stamp, text=done.text)
 
 
 def _no_session(session_id: str) -> APIError:
@@ -85,8 +91,10 @@ def _no_session(session_id: str) -> APIError:
     )
 
 
-async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tuple[Job, str]:
+async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tuple[Job, str, Stamp]:
     target = await _target(request, body.agent, body.adapter)
+    said = {"message": body.message, **({"context": body.context} if body.context else {})}
+    stamp = stamp_for(request, target, new_response_id("chat"), said)
     system = "\n\n".join(s for s in (target.system, body.context and f"Context:\n{body.context}") if s)
     if body.session_id is None:
         session, history = service.conversations.new_id(), []
@@ -110,13 +118,13 @@ async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tu
                     raise
                 del history[:2]
 
-    return await asyncio.to_thread(build), session
+    return await asyncio.to_thread(build), session, stamp
 
 
 @router.post("/chat", dependencies=[Depends(require_key)])
-async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
+async def chat(body: ChatRequest, request: Request, response: Response) -> dict[str, Any]:
     service = service_of(request)
-    job, session = await _chat_job(service, body, request)
+    job, session, stamp = await _chat_job(service, body, request)
     grant = await take_rows(request, job.target, 1, service.admit())
     try:
         (done,) = await service.run(request, [job])
@@ -128,32 +136,42 @@ async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
         {"role": "user", "content": body.message},
         {"role": "assistant", "content": done.text},
     )
-    return _answer(job, done, session_id=session, response=done.text)
+    stamp.done(done.text)
+    stamp.apply(response)
+    return _answer(job, done, stamp, session_id=session, response=done.text)
 
 
 @router.post("/chat/stream", dependencies=[Depends(require_key)], response_model=None)
 async def chat_stream(body: ChatRequest, request: Request) -> Response:
     service = service_of(request)
-    job, session = await _chat_job(service, body, request)
+    job, session, stamp = await _chat_job(service, body, request)
     owner = key_id(request)
     grant = await take_rows(request, job.target, 1, service.admit())
 
     async def events() -> AsyncIterator[bytes]:
-        async for piece in service.stream(job):
-            if piece.text:
-                yield event({"session_id": session, "delta": piece.text})
-            if piece.finished and piece.completion is not None:
-                text = piece.completion.text
-                service.conversations.append(
-                    session,
-                    owner,
-                    {"role": "user", "content": body.message},
-                    {"role": "assistant", "content": text},
-                )
-                grant.release()  # the engine work is done: a slow reader must not hold a queue place
-                yield event(_answer(job, piece.completion, session_id=session, response=text, done=True))
+        texts = [""]
+        with stamp.streaming(texts):
+            async for piece in service.stream(job):
+                texts[0] += piece.text
+                if piece.text:
+                    yield event({"session_id": session, "delta": piece.text})
+                if piece.finished and piece.completion is not None:
+                    text = texts[0] = piece.completion.text
+                    service.conversations.append(
+                        session,
+                        owner,
+                        {"role": "user", "content": body.message},
+                        {"role": "assistant", "content": text},
+                    )
+                    grant.release()  # the engine work is done: a slow reader must not hold a queue place
+                    answer = _answer(
+                        job, piece.completion, stamp, session_id=session, response=text, done=True
+                    )
+                    yield event(answer)
 
-    return streaming(grant, events(), done=False)
+    response = streaming(grant, events(), done=False)
+    stamp.apply(response)  # the headers go out before the first event
+    return response
 
 
 @router.get("/conversation", dependencies=[Depends(require_key)])

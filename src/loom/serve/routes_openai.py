@@ -29,6 +29,7 @@ from loom.serve.schemas import (
 )
 from loom.serve.service import Job, Service, resolve_target, service_of
 from loom.serve.sse import DONE, event, merge, streaming
+from loom.serve.stamp import Stamp, stamp_for
 
 router = APIRouter()
 
@@ -99,6 +100,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     processor = await asyncio.to_thread(_response_format, engine, body)
     jobs = await asyncio.to_thread(build_jobs, service, [messages], target, body, processor)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    stamp = stamp_for(request, target, rid, {"messages": messages})
 
     def result(done: list[Completion]) -> list[dict[str, Any]]:
         return [
@@ -112,10 +114,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         ]
 
     def stream(include_usage: bool, admission: Grant) -> AsyncIterator[bytes]:
-        return _chat_stream(service, jobs, target, rid, created, include_usage, admission)
+        return _chat_stream(service, jobs, target, stamp, created, include_usage, admission)
 
     head = {"id": rid, "object": "chat.completion", "created": created, "model": target.model}
-    return await _respond(request, service, jobs, body, head, result, stream)
+    return await _respond(request, service, jobs, body, head, result, stream, stamp)
 
 
 async def _respond(
@@ -126,21 +128,33 @@ async def _respond(
     head: dict[str, Any],
     choices: Callable[[list[Completion]], list[dict[str, Any]]],
     stream: Callable[[bool, Grant], AsyncIterator[bytes]],
+    stamp: Stamp,
 ) -> Response:
     """Admit the jobs and give them batch rows, then stream them as SSE or answer once with
-    every choice and usage."""
+    every choice and usage. The response id (``id``) and the answering version go in the
+    headers, before a stream's first byte."""
     admission = service.admit(len(jobs))
     grant = await take_rows(request, jobs[0].target, len(jobs), admission)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(grant, stream(include_usage, grant), done=True)
+        response = streaming(grant, stream(include_usage, grant), done=True)
+        stamp.apply(response)
+        return response
     try:
         done = await service.run(request, jobs)
     finally:
         grant.release()
+    stamp.done([c.text for c in done])
     fp = fingerprint(service, done)
     return JSONResponse(
-        {**head, "system_fingerprint": fp, "choices": choices(done), "usage": usage(jobs, done)}
+        {
+            **head,
+            "system_fingerprint": fp,
+            "model_version": stamp.version,
+            "choices": choices(done),
+            "usage": usage(jobs, done),
+        },
+        headers=stamp.headers(),
     )
 
 
@@ -168,7 +182,7 @@ async def _chat_stream(
     service: Service,
     jobs: list[Job],
     target: Target,
-    rid: str,
+    stamp: Stamp,
     created: int,
     include_usage: bool,
     admission: Grant,
@@ -176,10 +190,11 @@ async def _chat_stream(
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return event(
             {
-                "id": rid,
+                "id": stamp.response_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": target.model,
+                "model_version": stamp.version,
                 "choices": choices,
                 **extra,
             }
@@ -188,15 +203,19 @@ async def _chat_stream(
     for i in range(len(jobs)):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     finished: list[Completion] = []
-    async for i, piece in merge([service.stream(job) for job in jobs]):
-        if piece.text:
-            yield chunk([{"index": i, "delta": {"content": piece.text}, "finish_reason": None}])
-        if piece.finished and piece.completion is not None:
-            finished.append(piece.completion)
-            yield chunk(
-                [{"index": i, "delta": {}, "finish_reason": piece.completion.finish_reason}],
-                system_fingerprint=fingerprint(service, [piece.completion]),
-            )
+    texts = [""] * len(jobs)
+    with stamp.streaming(texts):
+        async for i, piece in merge([service.stream(job) for job in jobs]):
+            texts[i] += piece.text
+            if piece.text:
+                yield chunk([{"index": i, "delta": {"content": piece.text}, "finish_reason": None}])
+            if piece.finished and piece.completion is not None:
+                finished.append(piece.completion)
+                texts[i] = piece.completion.text
+                yield chunk(
+                    [{"index": i, "delta": {}, "finish_reason": piece.completion.finish_reason}],
+                    system_fingerprint=fingerprint(service, [piece.completion]),
+                )
     admission.release()  # the engine work is done: a slow reader must not hold a queue place
     if include_usage:
         yield chunk([], usage=usage(jobs, finished))
@@ -217,6 +236,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise APIError(400, "prompt is empty; give text or token ids", param="prompt")
     jobs = await asyncio.to_thread(build_jobs, service, prompts, target, body)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    stamp = stamp_for(request, target, rid, prompt if isinstance(prompt, str) else {"prompt": prompts})
     # A text prompt is echoed as sent (its ids may carry a BOS the client never wrote).
     echo = [
         ""
@@ -234,17 +254,17 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         ]
 
     def stream(include_usage: bool, admission: Grant) -> AsyncIterator[bytes]:
-        return _text_stream(service, jobs, target, rid, created, include_usage, echo, admission)
+        return _text_stream(service, jobs, target, stamp, created, include_usage, echo, admission)
 
     head = {"id": rid, "object": "text_completion", "created": created, "model": target.model}
-    return await _respond(request, service, jobs, body, head, result, stream)
+    return await _respond(request, service, jobs, body, head, result, stream, stamp)
 
 
 async def _text_stream(
     service: Service,
     jobs: list[Job],
     target: Target,
-    rid: str,
+    stamp: Stamp,
     created: int,
     include_usage: bool,
     echo: list[str],
@@ -253,10 +273,11 @@ async def _text_stream(
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return event(
             {
-                "id": rid,
+                "id": stamp.response_id,
                 "object": "text_completion",
                 "created": created,
                 "model": target.model,
+                "model_version": stamp.version,
                 "choices": choices,
                 **extra,
             }
@@ -266,12 +287,16 @@ async def _text_stream(
         if text:
             yield chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
     finished: list[Completion] = []
-    async for i, piece in merge([service.stream(job) for job in jobs]):
-        reason = piece.completion.finish_reason if piece.finished and piece.completion else None
-        if piece.text or reason:
-            yield chunk([{"index": i, "text": piece.text, "logprobs": None, "finish_reason": reason}])
-        if piece.completion is not None:
-            finished.append(piece.completion)
+    texts = [""] * len(jobs)
+    with stamp.streaming(texts):
+        async for i, piece in merge([service.stream(job) for job in jobs]):
+            texts[i] += piece.text
+            reason = piece.completion.finish_reason if piece.finished and piece.completion else None
+            if piece.text or reason:
+                yield chunk([{"index": i, "text": piece.text, "logprobs": None, "finish_reason": reason}])
+            if piece.completion is not None:
+                finished.append(piece.completion)
+                texts[i] = piece.completion.text
     admission.release()  # the engine work is done: a slow reader must not hold a queue place
     if include_usage:
         yield chunk([], usage=usage(jobs, finished))
