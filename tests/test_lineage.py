@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from helpers import import_retemplated_base
@@ -253,41 +251,20 @@ def test_unknown_refs_are_clear_errors(
         nearest_rows(store, "intent@v1.0.0", "song", 3)
 
 
-class _FakeRequestLog:
-    """Stands in for loom.serve.requestlog.RequestLog (another change) with its documented surface."""
-
-    entries: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, path: Path, **_kw: Any) -> None:
-        self.path = path
-
-    def get(self, response_id: str) -> Any:
-        return self.entries.get(response_id)
-
-
 def test_response_ids_trace_through_the_request_log(
-    store: Store, tiny_base: str, tiny_adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Store, tiny_base: str, tiny_adapter_dir: Path, tmp_path: Path
 ) -> None:
+    """A response id found in the server's real request log (SQLite) traces to its training rows."""
+    from loom.serve.requestlog import LoggedResponse, RequestLog
+
     snap = _snapshot(store, tmp_path, [*_rows(5), PLANTED])
     ref = _publish(store, tiny_adapter_dir, tiny_base, "v1.0.0", snap)
     log = tmp_path / "requests.sqlite"
-    log.write_bytes(b"")
-    monkeypatch.setitem(sys.modules, "loom.serve.requestlog", None)  # the module is missing: ImportError
-    with pytest.raises(LoomError, match="this Loom has no request log"):
-        trace_target(store, "resp-1", log)
-
-    module = types.ModuleType("loom.serve.requestlog")
-    module.RequestLog = _FakeRequestLog  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "loom.serve.requestlog", module)
     mv = {"base": tiny_base, "adapter": ref}
-    monkeypatch.setattr(
-        _FakeRequestLog,
-        "entries",
-        {
-            "resp-1": types.SimpleNamespace(model_version=mv),
-            "resp-2": types.SimpleNamespace(model_version={"base": None, "adapter": None}),
-        },
-    )
+    writer = RequestLog(log, retention=100, keep_prompts=True)
+    for rid, version in (("resp-1", mv), ("resp-2", {"base": None, "adapter": None})):
+        writer.record(LoggedResponse(rid, 0.0, "/v1/agents/{name}/run", "intent", version, None, "x", 0.1))
+    writer.close()
     t = trace_target(store, "resp-1", log, query="zebra", k=2)
     assert (t.response_id, t.model_version, t.ref) == ("resp-1", mv, ref)
     assert t.rows[0]["row_id"] == "zebra-7"

@@ -19,7 +19,9 @@ def trace(
     target: str = typer.Argument(..., help="name@version, name-v1.2.0, or a response id (with --log)."),
     query: str | None = _O(None, "--query", help="Find the training rows nearest this text (BM25)."),
     top: int = _O(5, "--top", help="How many rows --query shows."),
-    log: Path | None = _O(None, "--log", help="The server's request log, to look up a response id."),
+    log: Path | None = _O(
+        None, "--log", help="The server's request log (default: requests.sqlite beside a local store)."
+    ),
     root: str | None = _O(None, "--store", envvar="LOOM_STORE", help="Store root."),
     as_json: bool = _O(False, "--json", help="Print the trace as JSON."),
 ) -> None:
@@ -27,7 +29,13 @@ def trace(
     from loom.evals.lineage import trace_target
     from loom.store import Store
 
-    result = trace_target(Store(root), target, log, query, top)
+    store = Store(root)
+    if log is None:
+        from loom.serve.requestlog import default_log_path
+
+        found = default_log_path(store.url)
+        log = found if found.is_file() else None
+    result = trace_target(store, target, log, query, top)
     if as_json:
         print_json(result.to_json())
         return
