@@ -69,6 +69,41 @@ def import_retemplated_base(store, base_ref: str, tmp: Path, name: str) -> str: 
     return f"{m.name}@{m.version}"
 
 
+def train_tiny_intent(  # type: ignore[no-untyped-def]
+    store, rows: list[dict[str, Any]], root: Path, *, version: str, alias: str | None = "current", **cfg: Any
+) -> None:
+    """``loom train`` an ``intent`` adapter on the store's ``tiny`` base (fields format, labels from
+    ``rows``), published as ``intent@version``; ``cfg`` overrides settings (max_steps, prompts)."""
+    import json
+
+    from loom.data.formats import RowFormat
+    from loom.train.config import TrainConfig
+    from loom.train.run import train
+
+    data = root / f"intent-{version}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings: dict[str, Any] = dict(
+        train_files=[str(data)],
+        format=RowFormat.fields,
+        system_prompt="You label requests.",
+        input_template="Intent of: {text}",
+        output_template='{{"intent": "{label}"}}',
+        agent="intent",
+        adapter_name="intent",
+        model_name_or_path="tiny",
+        max_steps=2,
+        train_batch_size=4,
+        adapter_r=4,
+        target_modules=["q_proj", "v_proj"],
+        output_dir=root / f"run-{version}",
+        publish=True,
+        adapter_version=version,
+        alias=alias,
+        seed=3,
+    )
+    train(TrainConfig(**{**settings, **cfg}), store)
+
+
 def tiny_engine(store: Any, **config: int) -> Any:  # Engine on the store's "tiny" base
     from loom.engine import Engine
 

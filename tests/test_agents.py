@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import train_tiny_intent
 
 from loom.agents import AgentFailed, load_agents, load_map_file
 from loom.agents.agent import BaseFacts, build_agent
@@ -23,8 +24,6 @@ from loom.serve.server import serve_in_thread
 from loom.store import Store
 from loom.store.adapters import publish_adapter
 from loom.store.importers import import_hf_dir
-from loom.train.config import TrainConfig
-from loom.train.run import train
 from loom.train.tokenize import IGNORE, tokenize_examples
 
 SYSTEM = "You label requests."
@@ -44,27 +43,10 @@ def agent_store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Sto
     store = Store(root / "store")
     import_hf_dir(store, tiny_dir, "tiny", version="v1", alias="current")
     store.set_default_base("tiny")
-    data = root / "intent.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    cfg = TrainConfig(
-        train_files=[str(data)],
-        format=RowFormat.fields,
-        system_prompt=SYSTEM,
-        input_template=INPUT,
-        output_template=OUTPUT,
-        agent="intent",
-        adapter_name="intent",
-        model_name_or_path="tiny",
-        max_steps=2,
-        train_batch_size=4,
-        adapter_r=4,
-        target_modules=["q_proj", "v_proj"],
-        output_dir=root / "run",
-        publish=True,
-        adapter_version="v1",
-        seed=3,
-    )
-    train(cfg, store)
+    train_tiny_intent(
+        store, ROWS, root, version="v1", alias=None,
+        system_prompt=SYSTEM, input_template=INPUT, output_template=OUTPUT,
+    )  # fmt: skip
     return store
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import train_tiny_intent
 
-from loom.data.formats import RowFormat
 from loom.engine import Engine
 from loom.errors import LoomError
 from loom.evals.evaluate import evaluate
@@ -21,8 +21,6 @@ from loom.evals.report import confusion, write_report
 from loom.evals.run import Outcome
 from loom.store import Store
 from loom.store.importers import import_hf_dir
-from loom.train.config import TrainConfig
-from loom.train.run import train
 
 LABELS = ("A", "B", "C")
 ROWS = [
@@ -39,29 +37,10 @@ def eval_store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Stor
     store = Store(root / "store")
     import_hf_dir(store, tiny_dir, "tiny", version="v1", alias="current")
     store.set_default_base("tiny")
-    data = root / "intent.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     for version, steps in (("v1", 1), ("v2", 2)):
-        cfg = TrainConfig(
-            train_files=[str(data)],
-            format=RowFormat.fields,
-            system_prompt="You label requests.",
-            input_template="Intent of: {text}",
-            output_template='{{"intent": "{label}"}}',
-            agent="intent",
-            adapter_name="intent",
-            model_name_or_path="tiny",
-            max_steps=steps,
-            train_batch_size=4,
-            adapter_r=4,
-            target_modules=["q_proj", "v_proj"],
-            output_dir=root / f"run-{version}",
-            publish=True,
-            adapter_version=version,
-            alias="current" if version == "v1" else None,
-            seed=3,
+        train_tiny_intent(
+            store, ROWS, root, version=version, alias="current" if version == "v1" else None, max_steps=steps
         )
-        train(cfg, store)
     golden = root / "golden.jsonl"
     golden.write_text(
         "".join(

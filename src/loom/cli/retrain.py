@@ -69,6 +69,9 @@ def run_cmd(
     path: Path | None = _O(None, "--map", help=MAP_HELP),
     golden: str | None = _O(None, "--golden", help="Golden set ref (default: the map's, else AGENT-golden)."),
     extra: list[Path] = _O([], "--extra", help="More training rows (JSONL, e.g. exported feedback)."),
+    feedback_log: Path | None = _O(
+        None, "--feedback-log", help="The server's request log: its corrections become training rows."
+    ),
     version: str | None = _O(None, "--version", help="The new version's name (default: vYYYYMMDD-HHMM)."),
     out: Path = _O(Path("runs/retrain"), "--out", help="Where training runs write checkpoints."),
     base: str | None = _O(None, "--base", help="Base ref for the eval (default: the store's default base)."),
@@ -76,7 +79,7 @@ def run_cmd(
 ) -> None:
     """snapshot -> train -> eval -> gated promote, as one run that resumes where it stopped."""
     from loom.engine import Engine
-    from loom.evals.pipeline import retrain
+    from loom.evals.pipeline import exported_feedback, retrain
     from loom.store import Store
 
     where, entry = _entry(agent, path)
@@ -86,7 +89,14 @@ def run_cmd(
         agent,
         entry=entry,
         golden=golden or entry.eval.golden or f"{agent}-golden",
-        extra_files=extra,
+        extra_files=lambda: (
+            extra
+            + (
+                exported_feedback(feedback_log, agent, store, out / f"{agent}-feedback.jsonl")
+                if feedback_log
+                else []
+            )
+        ),
         out_dir=out,
         map_path=where,
         engine_factory=lambda: Engine.from_store(base, store=store),

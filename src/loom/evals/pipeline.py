@@ -120,13 +120,37 @@ def _headline(body: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics.get(k) for k in HEADLINE}
 
 
+def exported_feedback(log_path: Path, agent: str, store: Store, out: Path) -> list[Path]:
+    """``agent``'s corrections from the server's request log as training rows in its own input
+    format (written to ``out``), or nothing when there are none."""
+    from loom.evals.feedback import export_feedback
+    from loom.serve.requestlog import RequestLog
+
+    if not log_path.is_file():
+        raise LoomError(f"--feedback-log {log_path}: no request log there; give the server's requests.sqlite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = RequestLog(log_path, retention=2**62, keep_prompts=True)  # read only: never trims
+    try:
+        done = export_feedback(log, agent, store=store, out=out)
+    finally:
+        log.close()
+    if not done.rows:
+        return []
+    if done.mode != "template":
+        raise LoomError(
+            f"{agent}'s corrections do not fit its training output template ({'; '.join(done.notes)}); "
+            f"export them with 'loom feedback export --agent {agent}' and train with the config it prints"
+        )
+    return [out]
+
+
 def retrain(
     store: Store,
     agent: str,
     *,
     entry: Any,
     golden: str,
-    extra_files: list[Path],
+    extra_files: Callable[[], list[Path]],
     out_dir: Path,
     map_path: Path | str | None,
     engine_factory: Callable[[], Any],
@@ -141,7 +165,7 @@ def retrain(
     if state is not None:
         log(f"resuming run {state['run_id']} (version {state['version']})")
     else:
-        state = plan(store, agent, entry, extra_files, golden, version)
+        state = plan(store, agent, entry, extra_files(), golden, version)  # read only when planning
         log(f"run {state['run_id']}: {state['from']} -> {adapter}@{state['version']}")
     steps = {
         "snapshot": step_snapshot,

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from loom.agents.spec import AgentEntry
 from loom.data.snapshot import ROW_IDS, describe_rows, snapshot
 from loom.errors import LoomError
+from loom.store.layout import ArtifactPath
 from loom.store.store import Store, auto_version
 
 STEPS = ("snapshot", "train", "eval", "promote")
@@ -168,12 +169,14 @@ def plan(
     if missing:
         raise LoomError(f"retrain {agent}: training files {missing} are gone; restore them or train by hand")
     now = datetime.now(timezone.utc)
+    if version is not None and store.has_version(resolved.artifact, version):
+        raise LoomError(f"{resolved.artifact.name}@{version} exists already; give another --version")
     state = {
         "run_id": f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
         "agent": agent,
         "adapter": resolved.artifact.name,
         "from": resolved.ref,
-        "version": version or auto_version(now),
+        "version": version or _free_version(store, resolved.artifact, now),
         "files": files,
         "extra_rows": sum(_rows_in(p) for p in extra_files),
         "golden": golden,
@@ -181,10 +184,15 @@ def plan(
         "status": "running",
         "steps": {},
     }
-    if store.has_version(resolved.artifact, state["version"]):
-        raise LoomError(f"{resolved.artifact.name}@{state['version']} exists already; give another --version")
     save_state(store, state)
     return state
+
+
+def _free_version(store: Store, artifact: ArtifactPath, now: datetime) -> str:
+    """vYYYYMMDD-HHMM, with -2, -3... when runs of the same minute took it (as publish does)."""
+    stem = auto_version(now)
+    taken = set(store.versions(artifact)) | {s["version"] for s in runs(store, artifact.name)}
+    return next(v for v in (stem, *(f"{stem}-{i}" for i in range(2, 1000))) if v not in taken)
 
 
 def _rows_in(path: Path) -> int:
