@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from helpers import train_tiny_intent
 
+from loom.agents.spec import Gates
 from loom.engine import Engine
 from loom.errors import LoomError
 from loom.evals.evaluate import evaluate
 from loom.evals.golden import import_golden
 from loom.evals.metrics import Graded, compare, grade, summarize
+from loom.evals.promotion import versions_table
 from loom.evals.report import confusion, write_report
 from loom.evals.run import Outcome
 from loom.store import Store
@@ -131,6 +133,14 @@ def test_candidate_promoted_and_base_side_by_side_in_one_batched_run(
     assert (
         eval_store.backend.read_bytes("adapters/intent/intent/versions/v2/manifest.json") == manifest_before
     )
+    # recommended use cases: the categories the stored eval passes the gates in (v2), else the
+    # base's size-based list (v1 has no eval)
+    per = body["variants"]["candidate"]["metrics"]["per_category"]
+    for bar in (0.0, 0.5, 1.0):
+        gates = Gates(accuracy=bar, p95_latency_s=None)
+        rows = {r["version"]: r["recommended_use_cases"] for r in versions_table(eval_store, "intent", gates)}
+        assert rows["v2"] == sorted(c for c, m in per.items() if m["accuracy"] >= bar)
+        assert "classification" in rows["v1"]
 
 
 def test_the_report_is_written_as_markdown_and_self_contained_html(

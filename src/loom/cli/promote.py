@@ -24,6 +24,7 @@ def promote_cmd(
     ),
     agents: Path | None = _O(
         None,
+        "--map",
         "--agents",
         help="Agent map with the gates (default: $LOOM_AGENT_MAP, else ./AGENT_MODEL_MAP.json).",
     ),
@@ -94,14 +95,21 @@ def rollback_cmd(
 
 def versions_cmd(
     name: str = typer.Argument(..., help="Artifact name."),
+    agents: Path | None = _O(
+        None,
+        "--map",
+        help="Agent map whose gates decide the use cases (default: $LOOM_AGENT_MAP, ./AGENT_MODEL_MAP.json).",
+    ),
     root: str | None = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """NAME's versions: base, dataset snapshot, key hyper-parameters, latest eval, status."""
-    from loom.evals.promotion import versions_table
+    """NAME's versions: base, dataset snapshot, key hyper-parameters, latest eval, status and
+    recommended use cases (golden-set categories where it passes its gates)."""
+    from loom.evals.promotion import gates_for, versions_table
     from loom.store import Store
 
-    rows = versions_table(Store(root), name)
+    gates, _source = gates_for(name, agents)
+    rows = versions_table(Store(root), name, gates)
     if as_json:
         print_json(rows)
         return
@@ -116,6 +124,7 @@ def versions_cmd(
         "eval",
         "status",
         "aliases",
+        "use cases",
     )
     table = Table(*cols, title=f"versions of {name}")
     for row in rows:
@@ -130,6 +139,7 @@ def versions_cmd(
             _eval_cell(row["eval"]),
             _STATUS_STYLE.get(row["status"], row["status"]),
             ", ".join(row["aliases"]),
+            ", ".join(row["recommended_use_cases"][:6]) or "-",
         )
     console.print(table if rows else f"{name} has no versions")
 

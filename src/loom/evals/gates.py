@@ -61,6 +61,20 @@ def passed(results: list[GateResult]) -> bool:
     return all(r.passed for r in results)
 
 
+def use_cases(body: dict[str, Any], gates: Gates) -> list[str]:
+    """The golden set's categories where this version passes its threshold gates (the
+    version's ``recommended_use_cases`` once it has an eval; the comparison gate is about the
+    whole set and does not apply per category)."""
+    candidate = (body.get("variants") or {}).get("candidate") or {}
+    per = (candidate.get("metrics") or {}).get("per_category") or {}
+    found = []
+    for category, metrics in sorted(per.items()):
+        fake = {"variants": {"candidate": {"metrics": metrics}}}
+        if passed(check_gates(fake, gates.model_copy(update={"no_regression": False}))):
+            found.append(category)
+    return found
+
+
 def _threshold(
     name: str, key: str, op: str, ok: Callable[[float, float], bool], value: Any, threshold: float
 ) -> GateResult:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from loom.errors import IntegrityError, LoomError
-from loom.evals.gates import GateResult, check_gates, passed
+from loom.evals.gates import GateResult, check_gates, passed, use_cases
 from loom.evals.results import EvalRecord, latest_eval, list_evals
 from loom.refs import DEFAULT_ALIAS, parse_ref
 from loom.store.aliases import AliasFile, current_user
@@ -277,8 +277,10 @@ def _status(version: str, current: AliasFile | None, events: list[PromotionEvent
 
 
 # ---------------------------------------------------------------- versions table
-def versions_table(store: Store, name: str) -> list[dict[str, Any]]:
-    """One row per version, oldest first: lineage, key hyper-parameters, latest eval, status."""
+def versions_table(store: Store, name: str, gates: Gates | None = None) -> list[dict[str, Any]]:
+    """One row per version, oldest first: lineage, key hyper-parameters, latest eval, status and
+    recommended use cases (the categories its latest eval passes ``gates`` in; before any eval,
+    the base's size-based list)."""
     artifact = store.find(name)
     aliases = store.aliases(artifact)
     events = read_log(store, artifact)
@@ -286,10 +288,32 @@ def versions_table(store: Store, name: str) -> list[dict[str, Any]]:
     for version in store.versions(artifact):
         resolved = Resolved(artifact, version, store.manifest(artifact, version))
         row = {"version": version, **_lineage(resolved), "eval": _eval_summary(store, resolved)}
+        row["recommended_use_cases"] = recommended_use_cases(store, resolved, gates)
         row["status"] = _status(version, aliases.get(DEFAULT_ALIAS), events)
         row["aliases"] = sorted(a for a, f in aliases.items() if f.version == version)
         rows.append(row)
     return rows
+
+
+def recommended_use_cases(store: Store, resolved: Resolved, gates: Gates | None = None) -> list[str]:
+    """Where the version's latest eval says it is good (categories passing ``gates``); with no
+    eval yet, the size-based heuristic of its base's manifest."""
+    from loom.agents.spec import Gates as DefaultGates
+
+    try:
+        record = latest_eval(store, resolved)
+    except IntegrityError:
+        record = None
+    if record is not None:
+        return use_cases(record.body, gates or DefaultGates())
+    base_ref = resolved.manifest.adapter.base_ref if resolved.manifest.adapter else None
+    if base_ref is None:
+        return list(resolved.manifest.base.recommended_use_cases) if resolved.manifest.base else []
+    try:
+        info = store.resolve(base_ref).manifest.base
+    except LoomError:
+        return []
+    return list(info.recommended_use_cases) if info else []
 
 
 def _lineage(resolved: Resolved) -> dict[str, Any]:
