@@ -89,8 +89,11 @@ def _body(
     golden_ref: str = "intent-golden@v1",
     comparison: dict[str, Any] | None = None,
     eval_id: str | None = None,
+    rows: int = 300,
     **metrics: Any,
 ) -> dict[str, Any]:
+    """An eval body as loom eval writes it; a candidate other than v1 was compared with v1
+    (current in these tests) unless ``comparison`` says otherwise ({} for none)."""
     m = {
         "n": 300,
         "accuracy": 0.97,
@@ -107,11 +110,13 @@ def _body(
         "eval_id": eval_id or new_eval_id(),
         "agent": "intent",
         "subject": subject,
-        "golden": {"ref": golden_ref, "sha256": golden_sha, "rows": 300},
+        "golden": {"ref": golden_ref, "sha256": golden_sha, "rows": rows, "of": 300},
         "created_at": "2026-12-01T03:04:05+00:00",
         "variants": {"candidate": {"ref": subject, "metrics": m}},
     }
-    if comparison is not None:
+    if comparison is None and subject != f"{ADAPTER}@v1":
+        comparison = {"against": f"{ADAPTER}@v1", "metrics": {}}
+    if comparison:
         body["comparison"] = comparison
     return body
 
@@ -314,7 +319,7 @@ def test_no_regression_recomputes_significance_from_p_value() -> None:
     def gate(comparison: dict[str, Any] | None, alpha: float = 0.05) -> Any:
         (r,) = [
             r
-            for r in check_gates(_body("a@v2", comparison=comparison), Gates(alpha=alpha))
+            for r in check_gates(_body("a@v2", comparison=comparison or {}), Gates(alpha=alpha))
             if r.name == "no_regression"
         ]
         return r
@@ -412,6 +417,33 @@ def test_no_eval_and_other_golden_sets_are_clear_errors(two_versions: Store) -> 
         promote(store, ADAPTER, golden=None, gates=Gates())
     assert store.resolve(ADAPTER).version == "v1" and read_log(store, store.find(ADAPTER)) == []
     assert promote(store, f"{ADAPTER}@v2", golden="other-golden", gates=Gates()).promoted
+
+
+def test_a_smoke_eval_or_a_stale_comparison_cannot_promote(two_versions: Store, lora: Path) -> None:
+    store = two_versions
+    sha = _sha(store, "intent-golden@v1")
+    write_eval(store, f"{ADAPTER}@v2", _body(f"{ADAPTER}@v2", golden_sha=sha, rows=5))  # --limit 5
+    with pytest.raises(LoomError, match=r"only --limit evals .*\(5 of 300 rows\)"):
+        promote(store, f"{ADAPTER}@v2", golden="intent-golden", gates=Gates())
+    # v2 and v3 both compared with v1; v3 goes live: v2's comparison says nothing about v3 now
+    _adapter(store, "v3", lora)
+    write_eval(store, f"{ADAPTER}@v2", _body(f"{ADAPTER}@v2", golden_sha=sha))
+    write_eval(store, f"{ADAPTER}@v3", _body(f"{ADAPTER}@v3", golden_sha=sha))
+    assert promote(store, f"{ADAPTER}@v3", golden="intent-golden", gates=Gates()).promoted
+    with pytest.raises(
+        LoomError, match=rf"compared {ADAPTER}@v2 with {ADAPTER}@v1, but {ADAPTER}@v3 is live"
+    ):
+        promote(store, f"{ADAPTER}@v2", golden="intent-golden", gates=Gates())
+    assert store.resolve(ADAPTER).version == "v3"
+    assert promote(store, f"{ADAPTER}@v2", golden="intent-golden", gates=Gates(no_regression=False)).promoted
+
+
+def test_a_promotion_cut_off_before_its_log_entry_is_logged_from_where_it_came(two_versions: Store) -> None:
+    store = two_versions
+    write_eval(store, f"{ADAPTER}@v2", _body(f"{ADAPTER}@v2", golden_sha=_sha(store, "intent-golden@v1")))
+    store.set_alias(ADAPTER, "current", "v2")  # an attempt moved the alias, then died
+    decision = promote(store, f"{ADAPTER}@v2", golden="intent-golden", gates=Gates())
+    assert (decision.event.from_version, decision.event.to_version) == ("v1", "v2")
 
 
 def test_rollback_is_logged_from_the_library_and_both_clis(two_versions: Store) -> None:

@@ -143,6 +143,18 @@ def test_candidate_promoted_and_base_side_by_side_in_one_batched_run(
         assert "classification" in rows["v1"]
 
 
+def test_the_promoted_version_given_as_a_candidate_is_still_the_comparison(
+    eval_store: Store, eval_engine: Engine, agent_map: Path
+) -> None:
+    run = evaluate(
+        "intent", engine=eval_engine, store=eval_store, candidates=["intent@v2", "intent@v1"],
+        map_path=agent_map, limit=3, save=False,
+    )  # fmt: skip
+    v2, v1 = run.bodies
+    assert v2["comparison"]["against"] == "intent@v1" and v2["variants"]["promoted"]["ref"] == "intent@v1"
+    assert "comparison" not in v1  # the promoted version is not compared with itself
+
+
 def test_the_report_is_written_as_markdown_and_self_contained_html(
     eval_store: Store, eval_engine: Engine, agent_map: Path, tmp_path: Path
 ) -> None:
@@ -227,12 +239,22 @@ def test_summaries_and_the_paired_comparison_on_hand_computed_examples() -> None
     candidate = [_g(0.0) for _ in range(9)] + [_g(1.0) for _ in range(11)]
     acc = compare(promoted, candidate, alpha=0.05)["accuracy"]
     # McNemar exact: 9 discordant pairs all one way -> p = 2 * 0.5**9 = 0.00390625
-    assert acc["p_value"] == pytest.approx(2 * 0.5**9) and acc["discordant"] in ([0, 9], [9, 0])
+    assert acc["p_value"] == pytest.approx(2 * 0.5**9) and acc["discordant"] == [0, 9]
     assert acc["diff"] == pytest.approx(-9 / 20) and acc["verdict"] == "worse" and acc["worse"]
     # one row apart out of 20 is noise
     close = [_g(0.0)] + [_g(1.0) for _ in range(19)]
     acc = compare(promoted, close, alpha=0.05)["accuracy"]
     assert acc["p_value"] == 1.0 and acc["verdict"] == "no significant difference"
+    # partial credit (token F1): a uniform drop from 0.9 to 0.6 has no right/wrong flip at 0.5,
+    # but every one of 20 paired differences is negative: the sign-flip test sees it
+    acc = compare([_g(0.9) for _ in range(20)], [_g(0.6) for _ in range(20)], alpha=0.05)["accuracy"]
+    assert acc["test"] == "sign-flip permutation" and acc["discordant"] == [0, 0]
+    assert acc["p_value"] < 0.001 and acc["verdict"] == "worse"
+    # and small jitter both ways is noise
+    jitter = [_g(0.9 + (0.02 if i % 2 else -0.02)) for i in range(20)]
+    assert compare([_g(0.9) for _ in range(20)], jitter, alpha=0.05)["accuracy"]["verdict"] == (
+        "no significant difference"
+    )
 
 
 def test_the_confusion_matrix_counts_gold_against_predicted() -> None:

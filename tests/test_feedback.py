@@ -242,6 +242,23 @@ def test_retention_deletes_the_oldest_rows_but_keeps_those_with_feedback(tmp_pat
     assert reopened.count() == 4 and reopened.get("r1") is None
 
 
+def test_a_row_sqlite_cannot_store_neither_stops_the_writer_nor_loses_the_others(tmp_path: Path) -> None:
+    """A client's JSON may carry a lone surrogate ("\\ud800" parses into one); UTF-8 cannot hold
+    it, and a writer that died on it would log nothing more and hang shutdown."""
+    log = RequestLog(tmp_path / "r.sqlite", retention=100, keep_prompts=True)
+    bad = entry("bad")
+    bad.input, bad.output = {"text": "\ud800 x"}, "\udfff y"
+    log.record(bad)
+    log.flush()
+    log.record(entry("after"))
+    log.close()  # returns: the writer is alive and drains the queue
+    reopened = RequestLog(tmp_path / "r.sqlite", retention=100, keep_prompts=True)
+    assert [r.response_id for r in reopened.for_agent("a")] == ["bad", "after"]
+    stored = reopened.get("bad")
+    assert stored is not None and stored.input == {"text": "\ud800 x"} and stored.output == "? y"
+    reopened.close()
+
+
 def test_a_full_queue_drops_instead_of_blocking_and_close_writes_the_rest(tmp_path: Path) -> None:
     path = tmp_path / "r.sqlite"
     log = RequestLog(path, retention=100, keep_prompts=True, queue_size=2)

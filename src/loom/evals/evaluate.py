@@ -15,8 +15,17 @@ from loom.engine import Engine
 from loom.errors import LoomError
 from loom.evals.golden import GoldenRow, load_golden
 from loom.evals.metrics import Graded, compare, grade, row_record, summarize
-from loom.evals.results import write_eval
-from loom.evals.run import Outcome, Variant, check_rows, new_eval_id, plan_variants, provenance, run_variants
+from loom.evals.results import new_eval_id, write_eval
+from loom.evals.run import (
+    Outcome,
+    Variant,
+    adapter_name,
+    check_rows,
+    plan_variants,
+    promoted_ref,
+    provenance,
+    run_variants,
+)
 from loom.store.store import Store
 
 
@@ -82,8 +91,9 @@ def evaluate(
         "generation": entry.generation.model_dump(),
     }
     common = provenance(gold, len(rows), base, settings)
+    live = promoted_ref(store, adapter_name(entry, agent))
     bodies = [
-        _body(agent, v, variants, rows, outcomes, grades, common, entry.gates.alpha)
+        _body(agent, v, variants, rows, outcomes, grades, common, entry.gates.alpha, live)
         for v in variants
         if v.name.startswith("candidate")
     ]
@@ -100,11 +110,13 @@ def _body(
     grades: dict[str, list[Graded]],
     common: dict[str, Any],
     alpha: float,
+    live: str | None,
 ) -> dict[str, Any]:
-    """The result file of ``subject``: it as ``candidate``, beside the promoted version and
-    the base (other candidates of the same run are in their own files)."""
-    shown = {"candidate": subject.name, "promoted": "promoted", "base": "base"}
-    present = {label: name for label, name in shown.items() if name in grades}
+    """The result file of ``subject``: it as ``candidate``, beside the promoted version (``live``,
+    whether it ran as ``promoted`` or as another candidate) and the base."""
+    promoted = next((v.name for v in variants if v.ref == live and v is not subject), None)
+    shown = {"candidate": subject.name, "promoted": promoted, "base": "base"}
+    present = {label: name for label, name in shown.items() if name is not None and name in grades}
     body: dict[str, Any] = {
         "eval_id": new_eval_id(),
         "agent": agent,
@@ -115,11 +127,11 @@ def _body(
             for label, name in present.items()
         },
     }
-    if "promoted" in present:
+    if promoted is not None:
         body["comparison"] = {
-            "against": _ref(variants, "promoted"),
+            "against": _ref(variants, promoted),
             "alpha": alpha,
-            "metrics": compare(grades["promoted"], grades[subject.name], alpha),
+            "metrics": compare(grades[promoted], grades[subject.name], alpha),
         }
     body["rows"] = [
         row_record(

@@ -3,8 +3,9 @@ and the paired comparison of a candidate with the promoted version.
 
 Metrics are fractions in [0, 1]; ``None`` where the golden set cannot measure one (no rows
 that expect a citation, no DYNAMIC rows). A row's accuracy grade is its scorer's value (token
-F1 is partial credit); the paired McNemar test needs right/wrong, so a grade of 0.5 or more
-counts as right there, while the confidence interval is over the grades themselves.
+F1 is partial credit). Differences are paired: a bootstrap interval over the grades, and
+McNemar's exact test when every grade is right or wrong, else a sign-flip permutation test on
+the graded differences.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any
 
 from loom.evals.golden import GoldenRow
 from loom.evals.run import Outcome
-from loom.evals.scorers import is_refusal, score_row
-from loom.evals.stats import bootstrap_diff, mcnemar, percentile
+from loom.evals.scorers import score_row
+from loom.evals.stats import bootstrap_diff, mcnemar, percentile, sign_flip_p
 
-RIGHT = 0.5  # a grade at or above this counts as right in the paired test
+RIGHT = 0.5  # a grade at or above this counts as right (McNemar, the discordant counts)
 COMPARED = ("accuracy", "schema_validity", "citation_presence", "citation_correct", "refusal_accuracy")
 INPUT_CHARS = 400  # per payload field kept in the result rows (the golden set has the rest)
 
@@ -47,8 +48,10 @@ def grade(row: GoldenRow, out: Outcome, scorer: str, hedges: list[str]) -> Grade
         cited = bool(out.citations)
         cited_right = cited and set(out.citations) <= set(row.citation)
     refused = None
-    if not static:
-        refused = valid and (out.low_confidence or is_refusal(out.raw, hedges))
+    if not static:  # the scorer grades refusals too (a module:function scorer decides itself)
+        refused = valid and (
+            out.low_confidence or score_row(row, out.output, out.raw, scorer, hedges=hedges) >= RIGHT
+        )
     return Graded(valid, score, cited, cited_right, refused, out.latency_s, row.category)
 
 
@@ -100,8 +103,12 @@ def compare(promoted: list[Graded], candidate: list[Graded], alpha: float) -> di
             continue
         a, b = [p[0] for p in pairs], [p[1] for p in pairs]
         diff, low, high = bootstrap_diff(a, b)
+        binary = all(x in (0.0, 1.0) for x in a + b)
         test = mcnemar([x >= RIGHT for x in a], [x >= RIGHT for x in b])
-        significant = test.p_value < alpha
+        # right/wrong grades: McNemar's exact test; partial credit (F1): a sign-flip test on the
+        # graded differences, so the test and the difference speak about the same numbers
+        p_value = test.p_value if binary else sign_flip_p(a, b)
+        significant = p_value < alpha
         verdict = "no significant difference"
         if significant:
             verdict = "better" if diff > 0 else "worse" if diff < 0 else verdict
@@ -109,9 +116,9 @@ def compare(promoted: list[Graded], candidate: list[Graded], alpha: float) -> di
             "n": len(pairs),
             "diff": diff,
             "ci": [low, high],
-            "p_value": test.p_value,
-            "test": "mcnemar",
-            "discordant": [test.b01, test.b10],
+            "p_value": p_value,
+            "test": "mcnemar" if binary else "sign-flip permutation",
+            "discordant": [test.b01, test.b10],  # promoted wrong / candidate right, and the reverse
             "significant": significant,
             "worse": significant and diff < 0,
             "verdict": verdict,

@@ -159,9 +159,12 @@ def promote(
         )
     resolved = store.resolve(parsed)
     record = _eval_for(store, resolved, golden)
-    results = check_gates(record.body, gates)
-    ok = passed(results)
     before = store.get_alias(resolved.artifact, alias)
+    results = check_gates(record.body, gates)
+    stale = _stale_comparison(record, resolved, before.version if before else None, gates)
+    if stale is not None:
+        results = [r for r in results if r.name != "no_regression"] + [stale]
+    ok = passed(results)
     facts: dict[str, Any] = dict(
         eval_id=record.eval_id,
         golden=_golden_of(record),
@@ -170,6 +173,11 @@ def promote(
         reason=reason,
     )
     from_version = before.version if before else None
+    if before is not None and before.version == resolved.version and before.history:
+        # an earlier attempt moved the alias and was cut off before it logged: the log says
+        # where the alias came from, as the alias file's own history does
+        last = before.history[-1]
+        from_version = last.previous if last.version == resolved.version else from_version
     if not ok and not force:
         event = _event("refused", resolved.ref, alias, from_version, resolved.version, **facts)
         append_event(store, resolved.artifact, event)
@@ -202,30 +210,60 @@ def rollback(store: Store, name: str, alias: str = DEFAULT_ALIAS) -> PromotionEv
     return event
 
 
+def _full(record: EvalRecord) -> bool:
+    """Whether the eval ran the whole golden set (a ``--limit`` smoke run proves nothing)."""
+    golden = record.body.get("golden") or {}
+    return golden.get("of") is None or golden.get("rows") == golden.get("of")
+
+
 def _eval_for(store: Store, resolved: Resolved, golden: str | None) -> EvalRecord:
-    if golden is None:
-        record = latest_eval(store, resolved)
-        if record is None:
+    sha, against = None, ""
+    if golden is not None:
+        g = store.resolve(golden)
+        against = f" against golden set {g.ref}"
+        sha = (g.manifest.dataset or {}).get("content_sha256")
+        if not sha:
             raise LoomError(
-                f"{resolved.ref} has no eval results; run 'loom eval AGENT --golden GOLDEN "
-                f"--candidates {resolved.ref}' first, then promote it"
+                f"--golden {golden}: {g.ref} is not a dataset (no content hash); give a golden set's ref"
             )
-        return record
-    g = store.resolve(golden)
-    sha = (g.manifest.dataset or {}).get("content_sha256")
-    if not sha:
+    records = list_evals(store, resolved)
+    matching = [r for r in records if sha is None or r.golden_sha256 == sha]
+    full = [r for r in matching if _full(r)]
+    if full:
+        return full[-1]
+    if matching:
+        g0 = matching[-1].body.get("golden") or {}
         raise LoomError(
-            f"--golden {golden}: {g.ref} is not a dataset (no content hash); give a golden set's ref"
+            f"{resolved.ref} has only --limit evals{against} ({g0.get('rows')} of {g0.get('of')} rows); "
+            f"run 'loom eval AGENT --candidates {resolved.ref}' on the whole golden set, then promote it"
         )
-    record = latest_eval(store, resolved, sha)
-    if record is None:
-        others = sorted({str((r.body.get("golden") or {}).get("ref")) for r in list_evals(store, resolved)})
-        seen = f" (it has evals against {', '.join(others)} only)" if others else ""
-        raise LoomError(
-            f"{resolved.ref} has no eval against golden set {g.ref}{seen}; run 'loom eval AGENT "
-            f"--golden {g.ref} --candidates {resolved.ref}' first, then promote it"
-        )
-    return record
+    others = sorted({str((r.body.get("golden") or {}).get("ref")) for r in records})
+    seen = f" (it has evals against {', '.join(others)} only)" if others else ""
+    raise LoomError(
+        f"{resolved.ref} has no eval{against or ' results'}{seen}; run 'loom eval AGENT "
+        f"--candidates {resolved.ref}' first, then promote it"
+    )
+
+
+def _stale_comparison(
+    record: EvalRecord, resolved: Resolved, live: str | None, gates: Gates
+) -> GateResult | None:
+    """A failed no_regression gate when the eval compared the candidate with another version
+    than the one live now (promotions since then): the comparison no longer says anything."""
+    if not gates.no_regression or live is None or live == resolved.version:
+        return None
+    now = f"{resolved.artifact.name}@{live}"
+    against = (record.body.get("comparison") or {}).get("against")
+    if against == now:
+        return None
+    return GateResult(
+        "no_regression",
+        gates.alpha,
+        None,
+        False,
+        f"the eval compared {resolved.ref} with {against or 'nothing'}, but {now} is live now; run "
+        f"'loom eval AGENT --candidates {resolved.ref}' again",
+    )
 
 
 def _golden_of(record: EvalRecord) -> dict[str, Any] | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -175,10 +174,6 @@ def libraries() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return found
-
-
-def new_eval_id(now: datetime | None = None) -> str:
-    return f"{(now or datetime.now(timezone.utc)):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
 
 
 def provenance(golden: GoldenSet, rows: int, base: BaseFacts, engine: dict[str, Any]) -> dict[str, Any]:

@@ -84,3 +84,23 @@ def bootstrap_diff(
         means += diffs[idx].mean(axis=1).tolist()
     tail = (1.0 - level) / 2 * 100
     return float(diffs.mean()), percentile(means, tail), percentile(means, 100 - tail)
+
+
+def sign_flip_p(a: Sequence[float], b: Sequence[float], *, resamples: int = 10000, seed: int = 0) -> float:
+    """Two-sided paired permutation test of mean(b - a) = 0 for graded (non-binary) scores such
+    as token F1: under the null each row's difference is as likely negated, so the p-value is
+    the share of random sign flips whose mean is at least as far from 0 as the observed one
+    (with the observed one counted, so p > 0). McNemar's test would need right/wrong grades,
+    which throws away a uniform drop in partial credit."""
+    _paired(a, b)
+    diffs = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    observed = abs(float(diffs.mean())) if len(diffs) else 0.0
+    if not diffs.any():
+        return 1.0
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, resamples, _CHUNK):
+        n = min(_CHUNK, resamples - start)
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(n, len(diffs)))
+        hits += int((np.abs((signs * diffs).mean(axis=1)) >= observed - 1e-12).sum())
+    return (hits + 1) / (resamples + 1)

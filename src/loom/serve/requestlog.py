@@ -138,8 +138,8 @@ class RequestLog:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (OSError, sqlite3.Error) as exc:
             raise LoomError(
-                f"request log {self.path}: cannot open it as SQLite ({exc}); give a writable path "
-                "with --request-log, or --request-log off"
+                f"request log {self.path}: cannot open it as SQLite ({exc}); give the path of a "
+                "writable request log (loom serve: --request-log PATH or --request-log off)"
             ) from None
         self.dropped = 0  # rows lost to a full queue or a failed write
         self._queue: queue.Queue[LoggedResponse | None] = queue.Queue(queue_size)
@@ -195,7 +195,7 @@ class RequestLog:
             try:
                 if rows:
                     self._write(rows)
-            except (OSError, sqlite3.Error) as exc:  # a full disk must not stop serving
+            except Exception as exc:  # a full disk or one unstorable row must not stop logging
                 with self._lock:
                     self._drop(f"write failed: {exc}", len(rows))
             finally:
@@ -229,8 +229,8 @@ class RequestLog:
                 return
             self._closed = True
             writer = self._writer
-        if writer is not None:
-            self._queue.put(None)
+        if writer is not None and writer.is_alive():
+            self._queue.put(None)  # the live writer drains the queue, so this slot frees up
             writer.join()
 
     # ------------------------------------------------------------ reading
@@ -279,8 +279,10 @@ class RequestLog:
                     feedback.response_id,
                     feedback.time,
                     feedback.rating,
-                    None if answer is None else json.dumps(answer, ensure_ascii=False),
-                    feedback.comment,
+                    None if answer is None else json.dumps(answer, ensure_ascii=True),
+                    None
+                    if feedback.comment is None
+                    else feedback.comment.encode("utf-8", "replace").decode(),
                 ),
             )
         return True
@@ -311,6 +313,11 @@ class RequestLog:
         ]
 
 
+def _storable(text: str | None) -> str | None:
+    """``text`` as SQLite can store it: lone surrogates (from JSON escapes) become "?"."""
+    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _to_row(e: LoggedResponse) -> tuple[Any, ...]:
     return (
         e.response_id,
@@ -319,8 +326,9 @@ def _to_row(e: LoggedResponse) -> tuple[Any, ...]:
         e.agent,
         e.model_version.get("base"),
         e.model_version.get("adapter"),
-        None if e.input is None else json.dumps(e.input, ensure_ascii=False),
-        e.output,
+        # ASCII JSON and replaced lone surrogates: a client's "\ud800" must not fail a write
+        None if e.input is None else json.dumps(e.input, ensure_ascii=True),
+        _storable(e.output),
         e.latency_s,
         e.status,
     )
