@@ -23,11 +23,12 @@ from helpers import train_tiny_intent
 
 from loom.agents.spec import load_map_file
 from loom.engine import Engine
+from loom.errors import LoomError
 from loom.evals.golden import import_golden
 from loom.evals.pipeline import exported_feedback, retrain
 from loom.evals.promotion import read_log
 from loom.evals.results import list_evals
-from loom.evals.retrain import STEPS, check, runs, unfinished
+from loom.evals.retrain import STEPS, check, run_lock, runs, unfinished
 from loom.serve import ServeConfig, create_app
 from loom.serve.server import serve_in_thread
 from loom.store import Store
@@ -90,7 +91,7 @@ def test_check_says_whether_and_which_retrain_is_due(work: tuple[Store, Path], t
         tmp_path / "new.jsonl", [{"id": f"n{i}", "text": f"x {i}", "label": "A"} for i in range(3)]
     )
     found = check(store, "intent", entry, extra_files=[extra])
-    assert (found.new_rows, found.new_share, found.due, found.kind) == (3, 0.25, True, "continue")
+    assert (found.new_rows, found.new_share, found.due, found.kind) == (3, 0.2, True, "continue")
     created = store.resolve("intent").manifest.created_at
     old = check(store, "intent", entry, now=created + timedelta(days=100))
     assert old.kind == "full" and "100 days old" in old.reasons[0]
@@ -141,6 +142,19 @@ def test_feedback_round_trip_builds_a_gated_candidate_that_learned_the_correctio
     assert record.eval_id == state["steps"]["eval"]["eval_id"]
     events = [e for e in read_log(store, store.find("intent")) if e.ref == new]
     assert [e.action for e in events] == ["promote"] and store.resolve("intent").version == state["version"]
+    # the next round reads the original files (not the frozen copies it trained on): a row
+    # added to one of them since is new
+    found = check(store, "intent", entry)
+    assert (found.promoted, found.rows_then, found.rows_now, found.new_rows) == (new, 13, 13, 0)
+    with open(tmp_path / "out" / "fb.jsonl", "a") as fh:
+        fh.write(json.dumps({"id": "late", "text": "call mom", "label": "C"}) + "\n")
+    assert check(store, "intent", entry).new_rows == 1
+    again = retrain(
+        store, "intent", entry=entry, golden="intent-golden",
+        extra_files=lambda: exported_feedback(log, "intent", store, tmp_path / "out" / "fb.jsonl"),
+        out_dir=tmp_path / "out", map_path=path, engine_factory=lambda: _engine(store), log=lines.append,
+    )  # fmt: skip
+    assert again["status"] == "done" and again["steps"]["snapshot"] == state["steps"]["snapshot"]
 
 
 def test_strict_gates_refuse_the_candidate_and_the_refusal_is_logged(work: tuple[Store, Path]) -> None:
@@ -158,6 +172,21 @@ def test_strict_gates_refuse_the_candidate_and_the_refusal_is_logged(work: tuple
     assert store.resolve("intent").version == "v1"  # current did not move
     new = f"intent@{state['version']}"
     assert [e.action for e in read_log(store, store.find("intent")) if e.ref == new] == ["refused"]
+
+
+def test_one_run_at_a_time_and_a_wrong_golden_set_fails_before_training(work: tuple[Store, Path]) -> None:
+    store, path = work
+    entry = load_map_file(path).agents["intent"]
+    kw: dict[str, Any] = dict(
+        entry=entry, extra_files=list, out_dir=path.parent / "out", map_path=path,
+        engine_factory=lambda: _engine(store), log=lambda _line: None,
+    )  # fmt: skip
+    with pytest.raises(LoomError, match="intnet-golden"):
+        retrain(store, "intent", golden="intnet-golden", **kw)
+    assert runs(store, "intent") == []  # nothing planned, nothing to resume
+    with run_lock(store, "intent"), pytest.raises(LoomError, match="another 'loom retrain run' of intent"):
+        retrain(store, "intent", golden="intent-golden", **kw)
+    assert runs(store, "intent") == []
 
 
 def _run(env: dict[str, str], path: Path, out: Path) -> subprocess.Popen[bytes]:

@@ -75,15 +75,24 @@ def run_cmd(
     version: str | None = _O(None, "--version", help="The new version's name (default: vYYYYMMDD-HHMM)."),
     out: Path = _O(Path("runs/retrain"), "--out", help="Where training runs write checkpoints."),
     base: str | None = _O(None, "--base", help="Base ref for the eval (default: the store's default base)."),
+    abandon: bool = _O(False, "--abandon", help="Give up the agent's unfinished run (what it made stays)."),
     as_json: bool = _O(False, "--json"),
 ) -> None:
     """snapshot -> train -> eval -> gated promote, as one run that resumes where it stopped."""
     from loom.engine import Engine
     from loom.evals.pipeline import exported_feedback, retrain
+    from loom.evals.retrain import abandon as abandon_run
+    from loom.evals.run import adapter_name
     from loom.store import Store
 
     where, entry = _entry(agent, path)
     store = Store()
+    if abandon:
+        gone = abandon_run(store, adapter_name(entry, agent))
+        console.print(
+            f"abandoned run {gone['run_id']}" if gone else f"{agent} has no unfinished run", highlight=False
+        )
+        return
     state = retrain(
         store,
         agent,

@@ -353,16 +353,13 @@ def add_nearest_rows(store: Store, out: Trace, query: str | None, k: int = 5) ->
 
 
 # ------------------------------------------------------------------ responses
-READ_ONLY_RETENTION = 2**62  # opened only to read: never trim what the server keeps
-
-
 def response_model_version(response_id: str, log_path: str | Path) -> dict[str, Any]:
     """The ``model_version`` the server recorded for ``response_id`` in its request log."""
     from loom.serve.requestlog import RequestLog  # stdlib only: no server import cost
 
     if not Path(log_path).exists():
         raise NotFoundError(f"--log {log_path}: no request log there; give the server's request log file")
-    log = RequestLog(Path(log_path), retention=READ_ONLY_RETENTION, keep_prompts=True)
+    log = RequestLog.reader(Path(log_path))
     try:
         entry = log.get(response_id)
     except KeyError:

@@ -16,7 +16,8 @@ from typing import Any
 from loom.errors import LoomError
 from loom.evals.promotion import PromotionRefused, gates_for, promote, read_log
 from loom.evals.results import latest_eval
-from loom.evals.retrain import Step, plan, run_steps, snapshot_files, step_snapshot, unfinished
+from loom.evals.retrain import Step, plan, run_lock, run_steps, snapshot_files, step_snapshot, unfinished
+from loom.evals.run import adapter_name
 from loom.store.store import Store
 
 HEADLINE = ("accuracy", "schema_validity", "citation_presence", "refusal_accuracy", "latency_p95_s")
@@ -129,7 +130,7 @@ def exported_feedback(log_path: Path, agent: str, store: Store, out: Path) -> li
     if not log_path.is_file():
         raise LoomError(f"--feedback-log {log_path}: no request log there; give the server's requests.sqlite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = RequestLog(log_path, retention=2**62, keep_prompts=True)  # read only: never trims
+    log = RequestLog.reader(log_path)
     try:
         done = export_feedback(log, agent, store=store, out=out)
     finally:
@@ -158,20 +159,21 @@ def retrain(
     version: str | None = None,
 ) -> dict[str, Any]:
     """Resume the adapter's unfinished run if there is one, else plan a new one; run its steps."""
-    adapter = (entry.adapter or "").split("@", 1)[0]
-    if not adapter:
-        raise LoomError(f"agent {agent!r} has no adapter in the map; there is nothing to retrain")
-    state = unfinished(store, adapter)
-    if state is not None:
-        log(f"resuming run {state['run_id']} (version {state['version']})")
-    else:
-        state = plan(store, agent, entry, extra_files(), golden, version)  # read only when planning
-        log(f"run {state['run_id']}: {state['from']} -> {adapter}@{state['version']}")
-    steps = {
-        "snapshot": step_snapshot,
-        "train": step_train(out_dir),
-        "eval": step_eval(map_path, engine_factory),
-        "promote": step_promote(map_path),
-    }
-    run_steps(store, state, steps, log)
+    adapter = adapter_name(entry, agent)
+    with run_lock(store, adapter):
+        state = unfinished(store, adapter)
+        if state is not None:
+            log(f"resuming run {state['run_id']} (version {state['version']}, golden {state['golden']})")
+            if golden != state["golden"] or (version and version != state["version"]):
+                log("  (this --golden/--version is ignored: the run keeps its own; --abandon to change)")
+        else:
+            state = plan(store, agent, entry, extra_files(), golden, version)  # read only when planning
+            log(f"run {state['run_id']}: {state['from']} -> {adapter}@{state['version']}")
+        steps = {
+            "snapshot": step_snapshot,
+            "train": step_train(out_dir),
+            "eval": step_eval(map_path, engine_factory),
+            "promote": step_promote(map_path),
+        }
+        run_steps(store, state, steps, log)
     return state

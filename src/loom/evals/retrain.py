@@ -11,9 +11,11 @@ and carries on from the first step not done: no duplicate and no half-made versi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any, Literal
 from loom.agents.spec import AgentEntry
 from loom.data.snapshot import ROW_IDS, describe_rows, snapshot
 from loom.errors import LoomError
+from loom.evals.lineage import snapshot_row_ids
 from loom.store.layout import ArtifactPath
 from loom.store.store import Store, auto_version
 
@@ -57,9 +60,9 @@ class RetrainCheck:
 
 # ------------------------------------------------------------------ check
 def promoted_version(store: Store, entry: AgentEntry, agent: str) -> Any:
-    if entry.adapter is None:
-        raise LoomError(f"agent {agent!r} has no adapter in the map; there is nothing to retrain")
-    resolved = store.resolve(entry.adapter.split("@", 1)[0])
+    from loom.evals.run import adapter_name
+
+    resolved = store.resolve(adapter_name(entry, agent))
     if not (resolved.manifest.training_summary or {}).get("hyperparameters"):
         raise LoomError(
             f"{resolved.ref} has no training summary with hyper-parameters (imported, not trained by "
@@ -68,8 +71,18 @@ def promoted_version(store: Store, entry: AgentEntry, agent: str) -> Any:
     return resolved
 
 
-def training_files(summary: dict[str, Any]) -> list[Path]:
-    """The files the version was trained from, as they are now."""
+def training_files(store: Store, summary: dict[str, Any]) -> list[Path]:
+    """The files the version's data came from, as they are now: the sources its dataset
+    snapshot recorded (a retrained version trains on the snapshot's frozen copies, so its own
+    inputs are store paths that never change), else its training inputs."""
+    snap = (summary.get("data") or {}).get("snapshot")
+    if snap:
+        try:
+            source = store.resolve(snap).manifest.source
+        except LoomError:
+            source = None
+        if source is not None and source.type == "local" and source.uri:
+            return [Path(p) for p in source.uri.split(",")]
     return [Path(i["path"]) for i in (summary.get("data") or {}).get("inputs", [])]
 
 
@@ -77,10 +90,9 @@ def _snapshot_ids(store: Store, ref: str | None) -> set[str]:
     if not ref:
         return set()
     try:
-        resolved = store.resolve(ref)
+        return set(snapshot_row_ids(store, ref))
     except LoomError:
-        return set()
-    return set(store.backend.read_bytes(f"{resolved.rel}/{ROW_IDS}").decode().split())
+        return set()  # the snapshot was retired: every row counts as new
 
 
 def check(
@@ -100,14 +112,14 @@ def check(
     summary = resolved.manifest.training_summary or {}
     snap = (summary.get("data") or {}).get("snapshot")
     then = _snapshot_ids(store, snap)
-    files = [p for p in training_files(summary) + (extra_files or []) if p.is_file()]
+    files = [p for p in dict.fromkeys(training_files(store, summary) + (extra_files or [])) if p.is_file()]
     _facts, ids = describe_rows(files) if files else ({}, [])
     new = len(set(ids) - then)
-    share = new / max(1, len(then))
+    share = new / max(1, len(ids))  # of the rows a retrain would see, as --bump auto counts them
     age = ((now or datetime.now(timezone.utc)) - resolved.manifest.created_at).total_seconds() / 86400
     reasons = []
     if share > t.new_share:
-        reasons.append(f"{new} new rows, {share:.0%} of the {len(then)} trained on (> {t.new_share:.0%})")
+        reasons.append(f"{new} new rows, {share:.0%} of the {len(ids)} there now (> {t.new_share:.0%})")
     if age > t.max_age_days:
         reasons.append(f"the promoted version is {age:.0f} days old (> {t.max_age_days:.0f})")
     if feedback >= t.min_feedback:
@@ -150,9 +162,48 @@ def runs(store: Store, adapter: str) -> list[dict[str, Any]]:
         return []
     out = []
     for name in sorted(store.backend.list_dir(folder)):
-        if name.endswith(".json"):
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        try:
             out.append(json.loads(store.backend.read_bytes(f"{folder}/{name}")))
+        except ValueError as exc:
+            raise LoomError(
+                f"retrain state {folder}/{name} is damaged ({exc}); delete it to forget that run"
+            ) from None
     return sorted(out, key=lambda s: s["created_at"])
+
+
+def abandon(store: Store, adapter: str) -> dict[str, Any] | None:
+    """Mark ``adapter``'s unfinished run abandoned (what it published stays); the next
+    ``retrain run`` plans a new one."""
+    state = unfinished(store, adapter)
+    if state is not None:
+        state["status"] = "abandoned"
+        save_state(store, state)
+    return state
+
+
+@contextlib.contextmanager
+def run_lock(store: Store, adapter: str) -> Iterator[None]:
+    """One ``retrain run`` of ``adapter`` at a time: a second one (cron firing during a long
+    training) is refused at once instead of resuming a run that is still going."""
+    folder = store.backend.local_path(".locks")
+    if folder is None:
+        raise LoomError(f"retrain runs on a local store; {store.url} is remote: cache it locally first")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"retrain__{adapter}.lock"
+    with open(path, "a+b") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LoomError(
+                f"another 'loom retrain run' of {adapter} is running (it holds {path}); wait for it "
+                "to finish or stop it"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def unfinished(store: Store, adapter: str) -> dict[str, Any] | None:
@@ -162,9 +213,12 @@ def unfinished(store: Store, adapter: str) -> dict[str, Any] | None:
 def plan(
     store: Store, agent: str, entry: AgentEntry, extra_files: list[Path], golden: str, version: str | None
 ) -> dict[str, Any]:
+    from loom.evals.golden import load_golden
+
     resolved = promoted_version(store, entry, agent)
+    load_golden(store, golden)  # a wrong --golden fails now, not after training
     summary = resolved.manifest.training_summary or {}
-    files = [str(p) for p in training_files(summary) + extra_files]
+    files = [str(p) for p in dict.fromkeys(training_files(store, summary) + extra_files)]
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise LoomError(f"retrain {agent}: training files {missing} are gone; restore them or train by hand")

@@ -222,6 +222,12 @@ class RequestLog:
         """Return once every row queued so far is written."""
         self._queue.join()
 
+    @classmethod
+    def reader(cls, path: Path) -> RequestLog:
+        """The log opened to read (loom trace, feedback export, retrain): it never trims what the
+        server keeps."""
+        return cls(path, retention=2**62, keep_prompts=True)
+
     def close(self) -> None:
         """Write what is queued, then stop the writer. Idempotent; later records are dropped."""
         with self._lock:
