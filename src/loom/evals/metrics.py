@@ -48,10 +48,11 @@ def grade(row: GoldenRow, out: Outcome, scorer: str, hedges: list[str]) -> Grade
         cited = bool(out.citations)
         cited_right = cited and set(out.citations) <= set(row.citation)
     refused = None
-    if not static:  # the scorer grades refusals too (a module:function scorer decides itself)
-        refused = valid and (
-            out.low_confidence or score_row(row, out.output, out.raw, scorer, hedges=hedges) >= RIGHT
-        )
+    if not static:
+        # what the answer says (a refusal or one of the agent's hedges), graded by the scorer (a
+        # module:function scorer decides itself); not the runtime's low-confidence flag, which
+        # is also raised for a missing citation: an uncited answer is not a refusal
+        refused = valid and score_row(row, out.output, out.raw, scorer, hedges=hedges) >= RIGHT
     return Graded(valid, score, cited, cited_right, refused, out.latency_s, row.category)
 
 
@@ -149,6 +150,7 @@ def row_record(row: GoldenRow, outs: dict[str, Outcome], grades: dict[str, Grade
                 "valid": grades[name].valid,
                 "cited": out.citations,
                 "refused": grades[name].refused,
+                "low_confidence": out.low_confidence,
                 "latency_s": round(out.latency_s, 4),
             }
             for name, out in outs.items()
