@@ -13,19 +13,17 @@ from typer.testing import CliRunner
 from loom.cli.main import app
 from loom.data.snapshot import snapshot
 from loom.errors import LoomError, NotFoundError
-from loom.evals.lineage import (
+from loom.evals.lineage import nearest_rows, trace, trace_target
+from loom.store import Store
+from loom.store.adapters import publish_adapter
+from loom.train.versions import (
     bump_kind,
-    nearest_rows,
     next_version,
     parse_semver,
     plan_version,
     semver_label,
     snapshot_row_ids,
-    trace,
-    trace_target,
 )
-from loom.store import Store
-from loom.store.adapters import publish_adapter
 
 runner = CliRunner()
 

@@ -24,9 +24,9 @@ from typing import Any, Literal
 from loom.agents.spec import AgentEntry
 from loom.data.snapshot import ROW_IDS, describe_rows, snapshot
 from loom.errors import LoomError
-from loom.evals.lineage import snapshot_row_ids
 from loom.store.layout import ArtifactPath
 from loom.store.store import Store, auto_version
+from loom.train.versions import snapshot_row_ids
 
 STEPS = ("snapshot", "train", "eval", "promote")
 Kind = Literal["none", "continue", "full"]

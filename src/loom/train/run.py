@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
 def _bump(cfg: TrainConfig, store: Store, base: BaseChoice, summary: dict[str, Any]) -> str:
     """The semver version ``--bump`` names, decided just before publishing (the latest previous
     version is read then); the decision goes into the summary."""
-    from loom.evals.lineage import plan_version
+    from loom.train.versions import plan_version
 
     assert cfg.bump and cfg.adapter_name
     fingerprint = base.info.fingerprint if base.info else None
