@@ -125,6 +125,9 @@ def test_import_round_trip(store: Store, tmp_path: Path) -> None:
     m2 = import_golden(store, write(tmp_path / "g2.jsonl", GOOD[:2]), "demo-golden", version="v2")
     assert load_golden(store, "demo-golden@v2").sha256 != golden.sha256
     assert store.resolve("demo-golden").version == m2.version
+    # importing the first rows again points current back at them (loom eval then uses them)
+    assert import_golden(store, path, "demo-golden").version == "v1"
+    assert store.resolve("demo-golden").version == "v1"
     assert all(r.ok for r in verify_store(store))
 
 

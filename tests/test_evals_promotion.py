@@ -225,6 +225,18 @@ def test_flipped_byte_reported_by_verify_and_list_evals(two_versions: Store, tmp
     assert result.exit_code == 1 and "damaged" in result.output
 
 
+def test_an_eval_write_cut_off_before_its_rename_does_not_fail_verify(
+    two_versions: Store, tmp_path: Path
+) -> None:
+    store = two_versions
+    folder = tmp_path / "store" / store.resolve(f"{ADAPTER}@v2").rel / "evals"
+    folder.mkdir()
+    (folder / ".20261201-000000-deadbeef.json.1a2b.tmp").write_text('{"half": ')
+    assert all(r.ok for r in verify_store(store)), [r.problems for r in verify_store(store)]
+    (folder / "stray.txt").write_text("x")  # anything else there is still reported
+    assert not all(r.ok for r in verify_store(store))
+
+
 def test_verify_still_reports_other_unexpected_files(two_versions: Store, tmp_path: Path) -> None:
     store = two_versions
     write_eval(store, f"{ADAPTER}@v2", _body(f"{ADAPTER}@v2"))

@@ -241,13 +241,15 @@ def import_golden(store: Store, path: Path, name: str, *, version: str | None = 
     """Validate ``path`` and publish its rows as golden set ``name`` (alias ``current``).
 
     Importing the same rows again under the same name (no ``version``) returns the stored
-    version instead of a duplicate."""
+    version instead of a duplicate, and points ``current`` back at it: the set just imported
+    is the one ``loom eval`` uses."""
     rows = read_golden(path)
     with tempfile.TemporaryDirectory(prefix="loom-golden-") as tmp:
         staged = Path(tmp) / GOLDEN_FILE
         staged.write_text(_normalised(rows), encoding="utf-8")
         facts, ids = describe_rows([staged], label_field="category")
         if version is None and (existing := _same_rows(store, name, facts["content_sha256"])):
+            store.set_alias(name, "current", existing.version)
             return existing
         facts["golden"] = golden_facts(rows)
 

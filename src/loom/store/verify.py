@@ -74,7 +74,9 @@ def verify_version(
     present = set(store.backend.list_files(rel)) - {MANIFEST_NAME, CLAIM}
     listed = {f.path for f in manifest.files}
     evals = {p for p in present - listed if _is_eval_file(p)}
-    for extra in sorted(present - listed - evals):
+    # an eval write cut off before its rename leaves evals/.<id>.json.<hex>.tmp: not the version's
+    leftovers = {p for p in present - listed if p.startswith(f"{EVALS_DIR}/.") and p.endswith(".tmp")}
+    for extra in sorted(present - listed - evals - leftovers):
         report.problems.append(f"{ref}: unexpected file {extra} (not in the manifest)")
     tick = progress(manifest.total_bytes) if progress and not dry_run else None
     for f in manifest.files:
