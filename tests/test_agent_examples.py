@@ -120,3 +120,12 @@ def test_unknown_example_names_the_choices(tmp_path: Path) -> None:
 def test_missing_data_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(LoomError, match="LOOM_DATA"):
         prepare("qa_cited", tmp_path / "nowhere", tmp_path)
+
+
+def test_the_match_word_is_a_question_word_only_the_positive_shares() -> None:
+    from loom.agents.examples import match_word
+
+    q = "Where did many Spanish Catholics move after the British takeover?"
+    assert match_word(q, "most Spanish Catholics left for Cuba", ["Spanish ships sailed"]) == "Catholics"
+    assert match_word(q, "where they went after it", ["nothing here"]) is None  # stop words only
+    assert match_word(q, "the takeover by the British", ["British rule"]) == "takeover"

@@ -71,6 +71,32 @@ def _window(text: str, lo: int, hi: int, size: int, rng: random.Random) -> str:
     return " ".join(text[start : len(text) if stop < 0 else stop].split())
 
 
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
+_STOP = frozenset((
+    "what", "which", "when", "where", "who", "whom", "whose", "why", "how", "does", "did", "is",
+    "are", "was", "were", "the", "this", "that", "these", "those", "with", "from", "into", "about",
+    "than", "then", "there", "their", "they", "them", "have", "has", "had", "been", "being", "also",
+    "other", "some", "such", "many", "much", "most", "more", "what's", "name", "called",
+))  # fmt: skip
+
+
+def match_word(question: str, positive: str, negatives: list[str]) -> str | None:
+    """The question's longest content word found in the positive window and in no negative
+    (None when there is none): the clue a word-overlap ranker uses, as a word to copy."""
+
+    def words(text: str) -> set[str]:
+        return {w.lower() for w in _WORD.findall(text)}
+
+    elsewhere = set().union(*(words(n) for n in negatives))
+    inside = words(positive)
+    found = [
+        w
+        for w in _WORD.findall(question)
+        if len(w) >= 4 and w.lower() not in _STOP and w.lower() in inside and w.lower() not in elsewhere
+    ]
+    return max(found, key=len) if found else None
+
+
 def _mentions(window: str, answers: list[str]) -> bool:
     low = window.lower()
     return any(a.strip().lower() in low for a in answers if a.strip())
@@ -126,6 +152,10 @@ def rerank_rows(rows: list[Row], seed: int = SEED) -> list[Row]:
                 # the answer span, quoted before the ranking: it gives every example several
                 # tokens that can only be right by finding the passage (a ranking alone has one)
                 "evidence_json": json.dumps(answer),
+                # a question word only the positive window shares (else the answer span)
+                "match_json": json.dumps(
+                    match_word(r["question"], positive, [t for _p, t in negatives]) or answer
+                ),
                 "label": numbers[slot],
                 "answers": r["answers"],
             }
