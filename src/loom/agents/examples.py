@@ -76,7 +76,9 @@ _STOP = frozenset((
     "what", "which", "when", "where", "who", "whom", "whose", "why", "how", "does", "did", "is",
     "are", "was", "were", "the", "this", "that", "these", "those", "with", "from", "into", "about",
     "than", "then", "there", "their", "they", "them", "have", "has", "had", "been", "being", "also",
-    "other", "some", "such", "many", "much", "most", "more", "what's", "name", "called",
+    "other", "some", "such", "many", "much", "most", "more", "what's", "name", "called", "after",
+    "before", "during", "between", "under", "over", "upon", "until", "while", "because", "would",
+    "could", "should",
 ))  # fmt: skip
 
 
