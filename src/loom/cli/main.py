@@ -11,6 +11,7 @@ from loom import __version__
 from loom.cli import agents as agents_cli
 from loom.cli import bench as bench_cli
 from loom.cli import data as data_cli
+from loom.cli import export as export_cli
 from loom.cli import feedback as feedback_cli
 from loom.cli import golden as golden_cli
 from loom.cli import promote as promote_cli
@@ -61,6 +62,7 @@ app.command("promote")(promote_cli.promote_cmd)
 app.command("rollback")(promote_cli.rollback_cmd)
 app.command("versions")(promote_cli.versions_cmd)
 app.add_typer(feedback_cli.app, name="feedback")
+app.add_typer(export_cli.app, name="export")
 
 
 @app.callback(invoke_without_command=True)
