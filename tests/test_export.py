@@ -62,13 +62,13 @@ def test_merged_is_refused_when_its_logits_differ(
         return self.base_model.unload()
 
     monkeypatch.setattr(PeftModel, "merge_and_unload", lossy_merge, raising=False)
-    with pytest.raises(LoomError, match="differ from base \\+ adapter.*nothing was published"):
+    with pytest.raises(LoomError, match=r"differ from base \+ adapter.*nothing was published"):
         export_merged(store, adapter, "tiny-merged")
     assert not [a for a in store.artifacts() if a.name == "tiny-merged"]
 
 
 def test_merged_names_a_wrong_ref_kind(store: Store, tiny_base: str) -> None:
-    with pytest.raises(LoomError, match="is a base, and 'loom export merged' takes an adapter"):
+    with pytest.raises(LoomError, match=r"is a base, and 'loom export merged' takes an adapter"):
         export_merged(store, tiny_base, "tiny-merged")
 
 
@@ -119,7 +119,8 @@ def test_quantized_gguf_weights_are_within_a_bounded_error(
     assert {t.name for t in reader.tensors} == set(original)
     kinds = {t.name: t.tensor_type for t in reader.tensors}
     want = gguf.GGMLQuantizationType[qtype.upper()]
-    assert kinds["blk.0.attn_q.weight"] == want and kinds["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert kinds["blk.0.attn_q.weight"] == want
+    assert kinds["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     if qtype == "q4_0":  # the output projection keeps 8 bits
         assert kinds["output.weight"] == gguf.GGMLQuantizationType.Q8_0
     for t in reader.tensors:
@@ -132,16 +133,16 @@ def test_gguf_refuses_bad_inputs_with_the_fix(
     store: Store, tiny_base: str, adapter: str, tiny_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "x.gguf"
-    with pytest.raises(LoomError, match="is an adapter.*loom export merged.*gguf-lora"):
+    with pytest.raises(LoomError, match=r"is an adapter.*loom export merged.*gguf-lora"):
         export_gguf(store, adapter, out)
-    with pytest.raises(LoomError, match="does not exist; create it"):
+    with pytest.raises(LoomError, match=r"does not exist; create it"):
         export_gguf(store, tiny_base, tmp_path / "missing" / "x.gguf")
-    with pytest.raises(LoomError, match="must end in .gguf"):
+    with pytest.raises(LoomError, match=r"must end in \.gguf"):
         export_gguf(store, tiny_base, tmp_path / "x.bin")
-    with pytest.raises(LoomError, match="q3_k.*not supported"):
+    with pytest.raises(LoomError, match=r"q3_k.*not supported"):
         export_gguf(store, tiny_base, out, "q3_k")
     out.write_bytes(b"keep")
-    with pytest.raises(LoomError, match="already exists; pass --force"):
+    with pytest.raises(LoomError, match=r"already exists; pass --force"):
         export_gguf(store, tiny_base, out)
     assert out.read_bytes() == b"keep"
     other = tmp_path / "phi"
@@ -149,7 +150,7 @@ def test_gguf_refuses_bad_inputs_with_the_fix(
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "architectures": ["Phi3ForCausalLM"]}))
     import_hf_dir(store, other, "phi", version="v1")
-    with pytest.raises(LoomError, match="Phi3ForCausalLM is not supported.*convert_hf_to_gguf"):
+    with pytest.raises(LoomError, match=r"Phi3ForCausalLM is not supported.*convert_hf_to_gguf"):
         export_gguf(store, "phi@v1", tmp_path / "phi.gguf")
     assert not (tmp_path / "phi.gguf").exists() and not list(tmp_path.glob(".*.part"))
 
@@ -160,7 +161,7 @@ def test_gguf_refuses_a_dataset(store: Store, tmp_path: Path) -> None:
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"text": "hi", "label": "a"}) + "\n")
     snapshot(store, [data], name="rows")
-    with pytest.raises(LoomError, match="rows@.* is a dataset snapshot, not a model"):
+    with pytest.raises(LoomError, match=r"rows@.* is a dataset snapshot, not a model"):
         export_gguf(store, "rows", tmp_path / "rows.gguf")
 
 
@@ -200,7 +201,7 @@ def test_lora_gguf_has_llama_cpp_names_shapes_alpha_and_the_same_delta(
 
 
 def test_lora_gguf_refuses_a_base(store: Store, tiny_base: str, tmp_path: Path) -> None:
-    with pytest.raises(LoomError, match="is a base, and 'loom export gguf-lora' takes an adapter"):
+    with pytest.raises(LoomError, match=r"is a base, and 'loom export gguf-lora' takes an adapter"):
         export_lora_gguf(store, tiny_base, tmp_path / "x.gguf")
 
 
@@ -215,7 +216,7 @@ def test_ollama_folder_for_an_adapter(store: Store, adapter: str, tmp_path: Path
     assert "PARAMETER num_ctx 256" in text
     assert sorted(Path(f).name for f in result.files) == ["Modelfile", "adapter.gguf", "model.gguf"]
     assert gguf.GGUFReader(out / "adapter.gguf").fields["adapter.type"].contents() == "lora"
-    with pytest.raises(LoomError, match="Modelfile already exists; pass --force"):
+    with pytest.raises(LoomError, match=r"Modelfile already exists; pass --force"):
         export_ollama(store, adapter, out)
 
 
@@ -225,7 +226,7 @@ def test_ollama_notes_an_untranslated_template(store: Store, tiny_base: str, tmp
     text = (tmp_path / "o" / "Modelfile").read_text()
     assert "TEMPLATE" not in text.replace("# TEMPLATE not written", "")
     assert any("not ChatML" in n for n in result.notes)
-    with pytest.raises(LoomError, match="parent folder .* does not exist"):
+    with pytest.raises(LoomError, match=r"parent folder .* does not exist"):
         export_ollama(store, other, tmp_path / "missing" / "o")
 
 
@@ -241,3 +242,31 @@ def test_cli_export_gguf_and_errors(store: Store, tiny_base: str, adapter: str, 
     merged = runner.invoke(app, ["export", "merged", adapter, "--name", "m", "--version", "v1"])
     assert merged.exit_code == 0, merged.output
     assert "published" in merged.stdout and "m@v1" in merged.stdout
+
+
+@pytest.mark.integration
+def test_default_base_gguf_reloads_with_the_store_models_logits(default_store: Store, tmp_path: Path) -> None:
+    """f32 reloads exactly; f16 equals the store model with its matrices rounded to float16 (what
+    f16 storage means), which is ~1.6e-3 of the largest logit away from the float32 model."""
+    base = default_store.resolve("smollm2-135m-instruct").ref
+    loaded = load_model(base, store=default_store, device="cpu", dtype="float32").model
+    with torch.no_grad():
+        expected = loaded(IDS).logits
+        for p in loaded.parameters():
+            if p.dim() == 2:  # llama.cpp keeps 1-D tensors (norms) in F32
+                p.copy_(p.half().float())
+        rounded = loaded(IDS).logits
+    scale = expected.abs().max().item()
+    for qtype in ("f32", "f16"):
+        out = tmp_path / f"smollm2-{qtype}.gguf"
+        result = export_gguf(default_store, base, out, qtype)
+        reader = gguf.GGUFReader(out)
+        assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm", result.notes
+        assert "output.weight" not in {t.name for t in reader.tensors}  # tied embeddings, as llama.cpp
+        logits, _tokenizer = _load_gguf(out)
+        if qtype == "f32":
+            assert (logits - expected).abs().max().item() <= 1e-5 * scale
+        else:
+            assert (logits - rounded).abs().max().item() <= 1e-5 * scale
+            assert (logits - expected).abs().max().item() <= 3e-3 * scale
+        out.unlink()
