@@ -129,6 +129,31 @@ def test_quantized_gguf_weights_are_within_a_bounded_error(
         assert err <= rel_bound, f"{t.name}: relative error {err:.3g} > {rel_bound}"
 
 
+def test_qwen2_gguf_keeps_hf_row_order_and_biases(tmp_path: Path) -> None:
+    """Qwen2 (q/k/v biases, tied embeddings) is written without llama's Q/K reordering."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from loom.export import write_gguf
+    from loom.testing import make_tokenizer
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "qwen")
+    make_tokenizer().save_pretrained(tmp_path / "qwen")
+    write_gguf(tmp_path / "qwen", tmp_path / "qwen.gguf", "f32", name="tiny-qwen2")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="qwen.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        assert (back(IDS).logits - model(IDS).logits).abs().max().item() <= 1e-5
+
+
 def test_gguf_refuses_bad_inputs_with_the_fix(
     store: Store, tiny_base: str, adapter: str, tiny_dir: Path, tmp_path: Path
 ) -> None:
