@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-base", action="store_true", help="Skip the base twins (measured before).")
     args = ap.parse_args()
     names = args.agents.split(",")
     data = args.data or default_data_dir()
@@ -132,7 +133,8 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}"
             wait_healthy(url, timeout=600)
             for name in names:
-                for variant, agent, step in (("adapter", name, 0), ("base, same prompt", f"{name}_base", 1)):
+                twins = (("adapter", name, 0), ("base, same prompt", f"{name}_base", 1))
+                for variant, agent, step in twins[: 1 if args.no_base else 2]:
                     results = run(url, agent, dev[name], PAYLOAD_FIELDS[name], args.batch)
                     table.append(summarize(name, variant, dev[name], results, step))
         finally:
