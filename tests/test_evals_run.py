@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import train_tiny_intent
+from helpers import tiny_engine, train_tiny_intent
 
 from loom.agents.spec import Gates
 from loom.engine import Engine
@@ -64,15 +64,8 @@ def eval_store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Stor
 
 @pytest.fixture(scope="module")
 def eval_engine(eval_store: Store) -> Iterator[Engine]:
-    eng = Engine.from_store(
-        "tiny",
-        device="cpu",
-        store=eval_store,
-        max_batch_size=8,
-        max_seq_len=256,
-        kv_cache_mb=16,
-        max_adapters=4,
-        max_rank=8,
+    eng = tiny_engine(
+        eval_store, max_batch_size=8, max_seq_len=256, kv_cache_mb=16, max_adapters=4, max_rank=8
     )
     yield eng
     eng.shutdown()

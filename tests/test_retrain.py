@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import train_tiny_intent
+from helpers import tiny_engine, train_tiny_intent
 
 from loom.agents.spec import load_map_file
 from loom.engine import Engine
@@ -48,9 +48,8 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def _engine(store: Store) -> Engine:
-    return Engine.from_store(
-        "tiny", device="cpu", store=store, max_batch_size=8, max_seq_len=256, kv_cache_mb=16
-    )
+    engine: Engine = tiny_engine(store, max_batch_size=8, max_seq_len=256, kv_cache_mb=16)
+    return engine
 
 
 @pytest.fixture(scope="module")

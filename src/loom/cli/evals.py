@@ -103,14 +103,8 @@ class _bar:
         self.progress.stop()
 
 
-def _fmt(value: Any, key: str) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if key.startswith("latency") else f"{100 * value:.1f}%"
-
-
 def _print(bodies: list[dict[str, Any]]) -> None:
-    from loom.evals.report import merged_variants
+    from loom.evals.report import fmt_metric, merged_variants
 
     first = bodies[0]
     table = Table(title=f"{first['agent']} on {first['golden']['ref']} ({first['golden']['rows']} rows)")
@@ -119,7 +113,7 @@ def _print(bodies: list[dict[str, Any]]) -> None:
     for _, title in SHOWN:
         table.add_column(title, justify="right")
     for label, v in merged_variants(bodies).items():
-        table.add_row(label, v["ref"], *(_fmt(v["metrics"].get(k), k) for k, _ in SHOWN))
+        table.add_row(label, v["ref"], *(fmt_metric(v["metrics"].get(k), k) for k, _ in SHOWN))
     console.print(table)
     for body in bodies:
         comparison = body.get("comparison")

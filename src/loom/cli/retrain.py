@@ -37,7 +37,7 @@ def check_cmd(
     as_json: bool = _O(False, "--json"),
 ) -> None:
     """Compare the data behind the promoted version with what is available now."""
-    from loom.evals.retrain import Thresholds, as_dict, check
+    from loom.evals.retrain import Thresholds, check
     from loom.store import Store
 
     _, entry = _entry(agent, path)
@@ -50,7 +50,7 @@ def check_cmd(
         thresholds=Thresholds(new_share=new_share, max_age_days=max_age_days),
     )
     if as_json:
-        print_json(as_dict(found))
+        print_json(found)
         return
     verdict = f"[bold]{found.kind}[/] retrain due" if found.due else "no retrain due"
     console.print(f"{agent} ({found.promoted}): {verdict}", highlight=False)

@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from loom.errors import LoomError
-from loom.evals.promotion import PromotionRefused, gates_for, promote, read_log
+from loom.evals.promotion import PromotionRefused, gates_for, headline, promote, read_log
 from loom.evals.results import latest_eval
 from loom.evals.retrain import Step, plan, run_lock, run_steps, snapshot_files, step_snapshot, unfinished
 from loom.evals.run import adapter_name
 from loom.store.store import Store
-
-HEADLINE = ("accuracy", "schema_validity", "citation_presence", "refusal_accuracy", "latency_p95_s")
 
 
 def train_config(store: Store, state: dict[str, Any], out_dir: Path) -> Any:
@@ -75,7 +73,7 @@ def step_eval(map_path: Path | str | None, engine_factory: Callable[[], Any]) ->
         golden = load_golden(store, state["golden"])
         record = latest_eval(store, ref, golden.sha256)
         if record is not None:  # stored before the run was cut off
-            return {"eval_id": record.eval_id, "golden": golden.ref, "metrics": _headline(record.body)}
+            return {"eval_id": record.eval_id, "golden": golden.ref, "metrics": headline(record.body)}
         engine = engine_factory()
         try:
             done = evaluate(
@@ -89,7 +87,7 @@ def step_eval(map_path: Path | str | None, engine_factory: Callable[[], Any]) ->
         finally:
             engine.shutdown()
         body = done.bodies[0]
-        return {"eval_id": body["eval_id"], "golden": golden.ref, "metrics": _headline(body)}
+        return {"eval_id": body["eval_id"], "golden": golden.ref, "metrics": headline(body)}
 
     return run
 
@@ -114,11 +112,6 @@ def step_promote(map_path: Path | str | None) -> Step:
         return {"promoted": decision.promoted, "gates_from": source}
 
     return run
-
-
-def _headline(body: dict[str, Any]) -> dict[str, Any]:
-    metrics = body["variants"]["candidate"]["metrics"]
-    return {k: metrics.get(k) for k in HEADLINE}
 
 
 def exported_feedback(log_path: Path, agent: str, store: Store, out: Path) -> list[Path]:

@@ -168,7 +168,7 @@ def promote(
     facts: dict[str, Any] = dict(
         eval_id=record.eval_id,
         golden=_golden_of(record),
-        metrics=_headline(record.body),
+        metrics=headline(record.body),
         gates=[asdict(r) for r in results],
         reason=reason,
     )
@@ -271,7 +271,7 @@ def _golden_of(record: EvalRecord) -> dict[str, Any] | None:
     return {"ref": golden.get("ref"), "sha256": golden.get("sha256")} if isinstance(golden, dict) else None
 
 
-def _headline(body: dict[str, Any]) -> dict[str, Any]:
+def headline(body: dict[str, Any]) -> dict[str, Any]:
     """The candidate's overall metrics (per-category breakdowns stay in the eval file)."""
     metrics = ((body.get("variants") or {}).get("candidate") or {}).get("metrics") or {}
     return {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}
@@ -380,4 +380,4 @@ def _eval_summary(store: Store, resolved: Resolved) -> dict[str, Any] | None:
         return {"error": str(exc)}
     if record is None:
         return None
-    return {"eval_id": record.eval_id, "golden": _golden_of(record), "metrics": _headline(record.body)}
+    return {"eval_id": record.eval_id, "golden": _golden_of(record), "metrics": headline(record.body)}

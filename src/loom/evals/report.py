@@ -32,7 +32,7 @@ STYLE = (
 )
 
 
-def _fmt(value: Any, metric: str = "") -> str:
+def fmt_metric(value: Any, metric: str = "") -> str:
     if value is None:
         return "-"
     if metric.startswith("latency"):
@@ -76,7 +76,9 @@ def markdown(bodies: list[dict[str, Any]], gates: list[dict[str, Any]] | None = 
     ]
     for key, title in METRICS:
         lines.append(
-            f"| {title} | " + " | ".join(_fmt(v["metrics"].get(key), key) for v in variants.values()) + " |"
+            f"| {title} | "
+            + " | ".join(fmt_metric(v["metrics"].get(key), key) for v in variants.values())
+            + " |"
         )
     for _i, body in enumerate(bodies):
         comparison = body.get("comparison")
@@ -111,7 +113,9 @@ def _category_table(variants: dict[str, dict[str, Any]]) -> list[str]:
     for cat in cats:
         per = [v["metrics"]["per_category"].get(cat, {}) for v in variants.values()]
         n = next((p.get("n") for p in per if p), 0)
-        out.append(f"| {cat} | {n} | " + " | ".join(_fmt(p.get("accuracy"), "accuracy") for p in per) + " |")
+        out.append(
+            f"| {cat} | {n} | " + " | ".join(fmt_metric(p.get("accuracy"), "accuracy") for p in per) + " |"
+        )
     return out
 
 
@@ -132,7 +136,7 @@ def _worst_md(body: dict[str, Any]) -> list[str]:
     for r in worst_rows(body):
         out.append(f"- `{r['id']}` ({r['category']}): expected `{json.dumps(r['expected'])[:200]}`")
         for label, a in r["answers"].items():
-            out.append(f"  - {label}: `{a['raw'][:200]}` (grade {_fmt(a['score'], 'accuracy')})")
+            out.append(f"  - {label}: `{a['raw'][:200]}` (grade {fmt_metric(a['score'], 'accuracy')})")
     return out or ["(no graded rows)"]
 
 
@@ -233,7 +237,7 @@ def html_page(bodies: list[dict[str, Any]], md: str) -> str:
     worst = []
     for r in worst_rows(bodies[0]):
         cells = "".join(
-            f"<td><pre>{html.escape(a['raw'][:300])}</pre>{_fmt(a['score'], 'accuracy')}</td>"
+            f"<td><pre>{html.escape(a['raw'][:300])}</pre>{fmt_metric(a['score'], 'accuracy')}</td>"
             for a in r["answers"].values()
         )
         worst.append(

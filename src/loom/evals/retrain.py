@@ -16,7 +16,7 @@ import fcntl
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -285,7 +285,3 @@ def run_steps(
         log(f"{name}: {json.dumps(state['steps'][name])}")
     state["status"] = "done"
     save_state(store, state)
-
-
-def as_dict(check_result: RetrainCheck) -> dict[str, Any]:
-    return asdict(check_result)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import socket
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -185,9 +184,3 @@ def provenance(golden: GoldenSet, rows: int, base: BaseFacts, engine: dict[str, 
         "engine": engine,
         "libraries": libraries(),
     }
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    started = time.monotonic()
-    value = fn()
-    return value, time.monotonic() - started
