@@ -6,11 +6,12 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from loom.agents.result import Generated
 from loom.engine import Engine, SamplingParams
 from loom.engine.request import Request
+from loom.engine.serving import ServingEngine
 from loom.errors import LoomError
 
 
@@ -22,6 +23,18 @@ class ModelJob:
     schema: dict[str, Any] | None = None  # decode under this JSON schema's grammar
     json_mode: bool = False  # JSON without a schema
     regex: str | None = None  # decode under this regex (a text answer's template)
+
+
+class ModelBackend(Protocol):
+    """Runs a batch of model jobs: Loom's engine in-process, or vLLM (``loom.vllm.agents``)."""
+
+    @property
+    def engine(self) -> ServingEngine: ...
+
+    @property
+    def base_ref(self) -> str | None: ...
+
+    def generate(self, jobs: list[ModelJob], timeout_s: float) -> list[Generated]: ...
 
 
 class EngineBackend:

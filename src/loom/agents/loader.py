@@ -20,6 +20,7 @@ from loom.agents.spec import (
     read_document,
 )
 from loom.engine import Engine
+from loom.engine.serving import ServingEngine
 from loom.errors import LoomError
 from loom.store.store import Store
 
@@ -87,19 +88,20 @@ def find_map(path: Path | str | None) -> Path:
     return found
 
 
-def base_facts(engine: Engine | None, store: Store | None) -> BaseFacts:
+def base_facts(engine: ServingEngine | None, store: Store | None) -> BaseFacts:
     if engine is None:
         return BaseFacts(None, None)
     info = None
     if store is not None and engine.base_ref and "@" in engine.base_ref:
         info = store.resolve(engine.base_ref).manifest.base
-    dtype = str(getattr(engine.runner, "dtype", "torch.float32")).removeprefix("torch.")
+    stats = engine.stats()
+    dtype = str(stats.get("dtype", "float32"))
     variant = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
-    return BaseFacts(engine.base_ref, info, variant, str(getattr(engine.runner, "device", "cpu")))
+    return BaseFacts(engine.base_ref, info, variant, str(stats.get("device", "cpu")))
 
 
 def build_agents(
-    doc: AgentMapFile, engine: Engine | None, store: Store | None, base: BaseFacts | None = None
+    doc: AgentMapFile, engine: ServingEngine | None, store: Store | None, base: BaseFacts | None = None
 ) -> tuple[dict[str, Agent], dict[str, str]]:
     """Each agent checked against the store and the served base (``engine``'s, or ``base``
     when checking without weights); failures by name."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loom.agents.agent import Agent
-from loom.agents.backends import EngineBackend, ModelJob
+from loom.agents.backends import ModelBackend, ModelJob
 from loom.agents.citations import strip_citations
 from loom.agents.cite import CitationHook, Cited
 from loom.agents.result import AgentFailed, AgentResult, Answered, Generated
@@ -52,7 +52,7 @@ class AgentRuntime:
 
     def __init__(
         self,
-        backend: EngineBackend | None,
+        backend: ModelBackend | None,
         recommended: dict[str, FallbackStep] | None = None,
         on_citations: CitationHook | None = None,
     ) -> None:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from loom.cli.output import console, print_json
 from loom.errors import LoomError
+from loom.vllm.options import DEFAULT_VLLM_PYTHON, VLLMOptions
 
 _O = typer.Option
+
+if TYPE_CHECKING:
+    from loom.serve.plan import ServePlan
+    from loom.store import Store
 
 
 def serve(
@@ -87,6 +93,24 @@ def serve(
         envvar="LOOM_REQUIRE_KEYS",
         help="Refuse to start unless LOOM_API_KEY is set.",
     ),
+    backend: str = _O(
+        "loom",
+        "--backend",
+        help="loom: Loom's engine in this process. vllm: vLLM's OpenAI server as a supervised child "
+        "process on the store's base, with this server in front as the gateway.",
+    ),
+    vllm_python: str = _O(
+        DEFAULT_VLLM_PYTHON,
+        "--vllm-python",
+        envvar="LOOM_VLLM_PYTHON",
+        help="--backend vllm: the Python of vLLM's own environment (`make vllm` builds .venv-vllm).",
+    ),
+    vllm_port: int | None = _O(None, "--vllm-port", help="--backend vllm: vLLM's port (default: free)."),
+    tensor_parallel_size: int = _O(1, "--tensor-parallel-size", help="--backend vllm: GPUs per model."),
+    vllm_arg: list[str] | None = _O(
+        None, "--vllm-arg", help="--backend vllm: one more flag passed to vLLM as is (repeat)."
+    ),
+    vllm_log: Path | None = _O(None, "--vllm-log", help="--backend vllm: vLLM's log file (default: temp)."),
 ) -> None:
     """Serve the base and its adapters over HTTP (OpenAI-compatible API, native routes, metrics).
 
@@ -100,6 +124,11 @@ def serve(
 
     if log_prompts not in ("on", "off"):
         raise LoomError(f"--log-prompts {log_prompts!r}: give on or off")
+    if backend not in ("loom", "vllm"):
+        raise LoomError(f"--backend {backend!r}: give loom or vllm")
+    if backend == "vllm" and stub:
+        raise LoomError("--stub runs a tiny random model in this process; drop it with --backend vllm")
+    opts = VLLMOptions(vllm_python, vllm_port, tensor_parallel_size, list(vllm_arg or []), vllm_log)
     cfg = ServeConfig(
         base=base,
         host=host,
@@ -130,6 +159,8 @@ def serve(
         request_log=_request_log_path(request_log),
         request_log_retention=request_log_retention,
         log_prompts=log_prompts == "on",
+        backend=backend,
+        vllm=opts,
     )
     if dry_run:
         served = ServedAgents(agents)
@@ -140,8 +171,9 @@ def serve(
             engine.shutdown()
         else:
             plan = plan_from_store(cfg, Store(), refs)  # also checks every preload resolves and fits
+        command = vllm_command(plan, opts, Store(), refs) if backend == "vllm" else None
         if as_json:
-            print_json(plan.describe())
+            print_json({**plan.describe(), "backend": backend, "vllm_command": command})
             return
         table = Table("setting", "value", title=f"loom serve plan: {plan.base_ref} (dry run, nothing loaded)")
         d = plan.describe()
@@ -169,6 +201,8 @@ def serve(
         table.add_row("preload", ", ".join(refs) or "-")
         for note in plan.notes:
             table.add_row("note", note)
+        if command is not None:
+            table.add_row("vllm", command)
         console.print(table)
         return
     app = create_app(cfg)  # refuses --require-keys without keys before printing an address
@@ -183,3 +217,14 @@ def _request_log_path(given: str | None) -> Path | None:
     if given is None:
         return default_log_path(settings().store_root)
     return None if given.lower() == "off" else Path(given).expanduser()
+
+
+def vllm_command(plan: ServePlan, opts: VLLMOptions, store: Store, preload: list[str]) -> str:
+    """The vLLM command line ``--backend vllm`` would run for ``plan`` (nothing started)."""
+    from loom.models.loading import plan_load
+    from loom.vllm.start import launch_for
+
+    loaded = plan_load(plan.base_ref, preload, store=store, strict=True, verify=False)
+    launch = launch_for(plan, Path(loaded.base_path), opts, opts.python)
+    launch.lora_modules = {a.ref: Path(p) for a, p in zip(loaded.adapters, loaded.adapter_paths, strict=True)}
+    return launch.shell()

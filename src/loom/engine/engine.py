@@ -166,6 +166,11 @@ class Engine:
             engine.load_adapter(ref, pin=True)
         return engine
 
+    @property
+    def max_len(self) -> int:
+        """Prompt + generated tokens one request may hold (the KV cache's slot length)."""
+        return int(self.cache.max_len)
+
     # ------------------------------------------------------------- requests
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Prompt ids: text as is, chat messages through the base's chat template."""

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from loom.agents.agent import Agent
-from loom.agents.backends import EngineBackend
+from loom.agents.backends import EngineBackend, ModelBackend
 from loom.agents.cite import Cited, citation_hook, open_registry
 from loom.agents.loader import build_agents, load_recommended
 from loom.agents.runtime import AgentRuntime
 from loom.agents.spec import AgentMapFile, load_map_file
-from loom.engine import Engine
+from loom.engine.serving import ServingEngine
 from loom.serve.metrics import Metrics
 
 log = logging.getLogger("loom.serve")
@@ -44,7 +44,7 @@ class ServedAgents:
             return []
         return [e.adapter for e in self.doc.agents.values() if e.adapter]
 
-    def build(self, engine: Engine, metrics: Metrics) -> None:
+    def build(self, engine: ServingEngine, metrics: Metrics) -> None:
         if self.doc is None or self.path is None:
             return
         self.agents, self.errors = build_agents(self.doc, engine, engine.store)
@@ -60,9 +60,9 @@ class ServedAgents:
                 metrics.unknown_citations.labels(agent.name).inc(unknown)
             return cited
 
-        self.runtime = AgentRuntime(EngineBackend(engine), self.recommended, cite)
+        self.runtime = AgentRuntime(backend_for(engine), self.recommended, cite)
 
-    def describe(self, engine: Engine | None = None) -> list[dict[str, Any]]:
+    def describe(self, engine: ServingEngine | None = None) -> list[dict[str, Any]]:
         """Each agent's info, with the adapter version it answers with now (from the engine's
         routes: no store read; None before its first request)."""
         out = []
@@ -74,3 +74,17 @@ class ServedAgents:
             out.append({**agent.info(), "adapter_version": version, "status": "ok"})
         out += [{"name": n, "status": "unavailable", "error": e} for n, e in self.errors.items()]
         return out
+
+
+def backend_for(engine: ServingEngine) -> ModelBackend:
+    """Agents batch through the engine that serves: Loom's scheduler, or concurrent vLLM requests."""
+    from loom.engine import Engine
+
+    if isinstance(engine, Engine):
+        return EngineBackend(engine)
+    from loom.vllm.agents import VLLMBackend
+    from loom.vllm.engine import VLLMEngine
+
+    if isinstance(engine, VLLMEngine):
+        return VLLMBackend(engine)
+    raise TypeError(f"no agents backend for {type(engine).__name__}")

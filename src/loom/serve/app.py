@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from loom import __version__
 from loom.engine import Engine, SamplingParams
+from loom.engine.serving import ServingEngine
 from loom.serve.agents import ServedAgents
 from loom.serve.auth import exposure_warnings
 from loom.serve.config import ServeConfig
@@ -32,7 +33,7 @@ from loom.store.store import Store
 log = logging.getLogger("loom.serve")
 
 
-def create_app(cfg: ServeConfig, store: Store | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(cfg: ServeConfig, store: Store | None = None, engine: ServingEngine | None = None) -> FastAPI:
     """The server. With ``engine`` given it serves that engine; otherwise it loads one in the
     background at start-up (``/health`` answers 503 until the base is loaded and warm).
     Raises LoomError when ``cfg.require_keys`` is set and no key is."""
@@ -83,7 +84,7 @@ def _start(
     service: Service,
     pools: PoolManager,
     store: Store | None,
-    engine: Engine | None,
+    engine: ServingEngine | None,
 ) -> None:
     cfg = service.cfg
     try:
@@ -91,6 +92,7 @@ def _start(
         if engine is None:
             engine, service.plan = build_engine(cfg, store, preload)
         service.engine = engine
+        watch_backend(service, engine)
         service.refuse_beyond_limits(engine)
         if engine.store is not None and not cfg.stub:
             service.leases = ServingLeases(engine)
@@ -120,11 +122,17 @@ def _start(
         log.error("start-up failed: %s", service.error)
 
 
-def build_engine(cfg: ServeConfig, store: Store | None, preload: list[str]) -> tuple[Engine, ServePlan]:
+def build_engine(
+    cfg: ServeConfig, store: Store | None, preload: list[str]
+) -> tuple[ServingEngine, ServePlan]:
     if cfg.stub:
         return stub_engine(cfg)
     store = store or Store()
     plan = plan_from_store(cfg, store, preload)
+    if cfg.backend == "vllm":
+        from loom.vllm.start import start_engine
+
+        return start_engine(plan, store, cfg.vllm, preload, cfg.alias_refresh_s), plan
     if plan.variant in QUANTIZED_ORDER:
         from loom.errors import LoomError
 
@@ -135,6 +143,23 @@ def build_engine(cfg: ServeConfig, store: Store | None, preload: list[str]) -> t
     engine_cfg = {**vars(plan.engine_config()), "alias_refresh_s": cfg.alias_refresh_s}
     engine = Engine.from_store(plan.base_ref, device=cfg.device, dtype=plan.dtype, store=store, **engine_cfg)
     return engine, plan
+
+
+def watch_backend(service: Service, engine: ServingEngine) -> None:
+    """A vLLM backend that dies makes /health answer 503 ("restarting", with the reason) until
+    its supervisor has it back; vLLM's own metrics join Loom's /metrics, relabelled."""
+    from loom.vllm.engine import VLLMEngine
+    from loom.vllm.metrics import VLLMCollector
+
+    if not isinstance(engine, VLLMEngine):
+        return
+
+    def on_state(state: str, detail: str | None) -> None:
+        if service.status in ("ok", "restarting"):  # never over "draining" or "failed"
+            service.status, service.error = state, detail
+
+    engine.supervisor.on_state = on_state
+    service.metrics.registry.register(VLLMCollector(engine.scraper))
 
 
 def stub_engine(cfg: ServeConfig) -> tuple[Engine, ServePlan]:

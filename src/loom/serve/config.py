@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loom.vllm.options import VLLMOptions
+
 
 @dataclass
 class ServeConfig:
@@ -47,6 +49,10 @@ class ServeConfig:
     default_max_tokens: int = 128
     max_sessions: int = 1000
     max_session_messages: int = 40
+    # "loom" (Loom's engine in this process) or "vllm" (a supervised vLLM child process behind
+    # this server as its gateway: loom.vllm); the vLLM-only flags are in vllm
+    backend: str = "loom"
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
     stub: bool = False  # documented test mode: a tiny random model instead of the base
     # the request log (loom.serve.requestlog): one SQLite row per response, and the feedback on them.
     # None: off (`loom serve` defaults to requests.sqlite beside the store: --request-log)

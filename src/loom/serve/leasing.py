@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 
-from loom.engine import Engine
+from loom.engine.serving import ServingEngine
 from loom.store.leases import LeaseKeeper
 
 log = logging.getLogger("loom.serve")
 
 
 class ServingLeases:
-    def __init__(self, engine: Engine, refresh_s: float = 10.0) -> None:
+    def __init__(self, engine: ServingEngine, refresh_s: float = 10.0) -> None:
         assert engine.store is not None
         self.engine, self.refresh_s = engine, refresh_s
         self.keeper = LeaseKeeper(engine.store, refresh_s)

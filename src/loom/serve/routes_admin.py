@@ -58,4 +58,6 @@ async def delete_pool(pool_id: str, request: Request) -> dict[str, Any]:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     registry = service_of(request).metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    # off the loop: collectors read engine state under locks (and a vLLM backend's last scrape)
+    body = await asyncio.to_thread(generate_latest, registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

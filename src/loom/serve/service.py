@@ -11,8 +11,9 @@ from typing import Any
 from jinja2 import TemplateError
 from starlette.requests import Request
 
-from loom.engine import Engine, SamplingParams
+from loom.engine import SamplingParams
 from loom.engine.engine import Prompt
+from loom.engine.serving import ServingEngine
 from loom.engine.types import Completion, LogitsProcessor, StreamChunk
 from loom.serve.agents import ServedAgents
 from loom.serve.config import ServeConfig
@@ -54,7 +55,7 @@ class Job:
 class Service:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
-        self.engine: Engine | None = None
+        self.engine: ServingEngine | None = None
         self.registry: ModelRegistry | None = None
         self.plan: ServePlan | None = None
         self.status = "loading"  # loading -> ok | failed; draining on shutdown
@@ -65,7 +66,7 @@ class Service:
         self.metrics = Metrics(self._engine_stats)
         self.conversations = Conversations(cfg.max_sessions, cfg.max_session_messages)
 
-    def refuse_beyond_limits(self, engine: Engine) -> None:
+    def refuse_beyond_limits(self, engine: ServingEngine) -> None:
         """Every adapter version the engine resolves, by any route (requests, agents, pools,
         /v1/load_lora_adapter, hot-swaps), is checked against --max-lora-rank/--lora-targets from
         its manifest before its files are fetched: beyond them it is a 400 naming the flag."""
@@ -80,7 +81,7 @@ class Service:
         return self.engine.stats() if self.engine is not None else None
 
     # -------------------------------------------------------------- gates
-    def ready(self) -> tuple[Engine, ModelRegistry]:
+    def ready(self) -> tuple[ServingEngine, ModelRegistry]:
         if self.status != "ok" or self.engine is None or self.registry is None:
             detail = f": {self.error}" if self.error else "; retry when GET /health answers 200"
             raise APIError(
@@ -131,7 +132,7 @@ class Service:
             raise APIError(
                 400, f"the base's chat template refused these messages: {exc}", param="messages"
             ) from None
-        max_len = engine.cache.max_len
+        max_len = engine.max_len
         limit = min(self.cfg.max_prompt_tokens or max_len - 1, max_len - 1)
         if len(ids) > limit:
             raise APIError(

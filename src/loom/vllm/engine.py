@@ -1,0 +1,331 @@
+"""``VLLMEngine``: the serving surface of Loom's engine (``loom.engine.serving.ServingEngine``),
+answered by a supervised vLLM child process.
+
+Loom keeps what makes the store the source of truth: refs are resolved by Loom's own
+``AdapterResolver`` (aliases followed within ``alias_refresh_s``, versions leased, base
+fingerprints checked), and each concrete version is registered in vLLM under its key
+``name@version`` through vLLM's runtime LoRA API. A promotion or hot-swap therefore loads a
+new key and reroutes the name; requests already running finish on the version they started
+with, and vLLM never restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loom.engine.engine import EngineConfig, Prompt
+from loom.engine.resolver import AdapterResolver, ResolvedAdapter
+from loom.engine.types import Completion, LogitsProcessor, SamplingParams, StreamChunk
+from loom.errors import LoomError
+from loom.store.store import Store
+from loom.vllm.metrics import Scraper
+from loom.vllm.requests import GuidedDecoding, Tally, asse_events, completion_body, error_of
+from loom.vllm.supervisor import Supervisor
+
+log = logging.getLogger("loom.vllm")
+ADMIN_TIMEOUT_S = 120.0
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        tokenizer: Any,
+        config: EngineConfig,
+        *,
+        store: Store | None,
+        base_ref: str,
+        base_fingerprint: str | None,
+    ) -> None:
+        self.supervisor, self.tokenizer, self.config = supervisor, tokenizer, config
+        self.store, self.base_ref, self.base_fingerprint = store, base_ref, base_fingerprint
+        self.max_len = config.max_seq_len  # vLLM's --max-model-len
+        self.version_listeners: list[Callable[[str], None]] = []
+        self.resolver = AdapterResolver(
+            store, base_fingerprint, config.alias_refresh_s, on_resolved=self._on_resolved
+        )
+        self.loaded: dict[str, Path] = {}  # vLLM LoRA name (= Loom key) -> folder; re-added after a restart
+        self.pinned: set[str] = set()
+        self.counters = {"loads": 0, "load_failures": 0, "unloads": 0, "swaps": 0}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.http = httpx.Client(base_url=supervisor.url, timeout=httpx.Timeout(ADMIN_TIMEOUT_S, connect=5.0))
+        self._aclients: dict[int, httpx.AsyncClient] = {}
+        supervisor.on_restarted = self.reload_all
+        self.scraper = Scraper(supervisor.url)
+        self.vocab_size = len(tokenizer)
+
+    def start(self, preload: list[str]) -> None:
+        """Resolve ``preload`` through the store, start vLLM with them as --lora-modules (under
+        their concrete keys), and block until it answers."""
+        resolved = [self.resolve_adapter(ref) for ref in preload]
+        self.supervisor.launch.lora_modules = {r.key: r.folder for r in resolved}
+        self.supervisor.start()
+        self.loaded.update(self.supervisor.launch.lora_modules)
+        self.pinned.update(self.supervisor.launch.lora_modules)
+        self.scraper.start()
+
+    # ------------------------------------------------------------- prompts
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The same ids Loom's engine would run: text as is, messages through the chat template."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        elif prompt and isinstance(prompt[0], dict):
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
+            bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < self.vocab_size), None)
+            if bad is not None:
+                raise LoomError(
+                    f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1}); send valid ids"
+                )
+        if not ids:
+            raise LoomError("empty prompt: give some text, chat messages or token ids")
+        return [int(i) for i in ids]
+
+    def _checked(self, prompt: Prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.tokenize(prompt)
+        if len(ids) + params.max_new_tokens > self.max_len:
+            raise LoomError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"engine's max_seq_len {self.max_len}; shorten the prompt or lower max_new_tokens"
+            )
+        return ids, params
+
+    def json_processor(self, schema: dict[str, Any] | None = None) -> LogitsProcessor:
+        return GuidedDecoding("json", schema) if schema is not None else GuidedDecoding("json_object")
+
+    def regex_processor(self, pattern: str) -> LogitsProcessor:
+        return GuidedDecoding("regex", pattern)
+
+    # ------------------------------------------------------------- generation
+    async def stream(
+        self,
+        prompt: Prompt,
+        *,
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        """Chunks as vLLM streams them; closing the iteration closes the connection, which
+        aborts the request in vLLM."""
+        ids, params = self._checked(prompt, params)
+        key = await self._aready(adapter)
+        if isinstance(key, Completion):  # the adapter could not be loaded: this request only
+            yield StreamChunk(key.request_id, "", [], finished=True, completion=key)
+            return
+        tally = Tally(f"vllm-{next(self._ids)}", len(ids), key, time.monotonic())
+        body = completion_body(key or self.base_ref, ids, params, _guided(logits_processor), stream=True)
+        try:
+            async with self._aclient().stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    done = tally.completion(*error_of(response))
+                else:
+                    async for event in asse_events(response.aiter_lines()):
+                        for choice in event.get("choices") or []:
+                            chunk = tally.add(choice)
+                            if chunk.text or chunk.token_ids:
+                                yield chunk
+                    done = tally.completion()
+        except httpx.HTTPError as exc:
+            done = tally.completion(f"vLLM did not answer ({type(exc).__name__}: {exc})", "engine")
+        yield StreamChunk(tally.request_id, "", [], finished=True, completion=done)
+
+    def complete(
+        self,
+        prompt: Prompt,
+        *,
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        logits_processor: LogitsProcessor | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Blocking, non-streaming (agents' batches, warm-up); any thread."""
+        ids, params = self._checked(prompt, params)
+        key = self._ready_sync(adapter)
+        if isinstance(key, Completion):
+            return key
+        tally = Tally(f"vllm-{next(self._ids)}", len(ids), key, time.monotonic())
+        body = completion_body(key or self.base_ref, ids, params, _guided(logits_processor), stream=False)
+        try:
+            response = self.http.post("/v1/completions", json=body, timeout=timeout or ADMIN_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "engine"
+            return tally.completion(f"vLLM did not answer ({type(exc).__name__}: {exc})", kind)
+        if response.status_code != 200:
+            return tally.completion(*error_of(response))
+        for choice in response.json().get("choices") or []:
+            tally.add(choice)
+        return tally.completion()
+
+    def generate(self, prompt: Prompt, *, adapter: str | None = None, **kw: Any) -> Completion:
+        return self.complete(prompt, adapter=adapter, **kw)
+
+    def _aclient(self) -> httpx.AsyncClient:
+        """One pooled client per event loop (a client is bound to the loop that made it)."""
+        loop = id(asyncio.get_running_loop())
+        client = self._aclients.get(loop)
+        if client is None:
+            timeout = httpx.Timeout(None, connect=5.0)  # the server's request timeout governs
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+            client = self._aclients[loop] = httpx.AsyncClient(
+                base_url=self.supervisor.url, timeout=timeout, limits=limits
+            )
+        return client
+
+    # ------------------------------------------------------------- adapters
+    async def _aready(self, adapter: str | None) -> str | Completion | None:
+        if adapter is None:
+            return None
+        resolved = await self.aresolve_adapter(adapter)
+        if resolved.key in self.loaded:
+            return resolved.key
+        return await asyncio.to_thread(self._load_or_error, resolved)
+
+    def _ready_sync(self, adapter: str | None) -> str | Completion | None:
+        if adapter is None:
+            return None
+        resolved = self.resolve_adapter(adapter)
+        return resolved.key if resolved.key in self.loaded else self._load_or_error(resolved)
+
+    def _load_or_error(self, resolved: ResolvedAdapter) -> str | Completion:
+        try:
+            return self.ensure_loaded(resolved)
+        except LoomError as exc:
+            tally = Tally(f"vllm-{next(self._ids)}", 0, resolved.key, time.monotonic())
+            return tally.completion(str(exc), "adapter")
+
+    def ensure_loaded(self, resolved: ResolvedAdapter) -> str:
+        """Register ``resolved`` in vLLM (runtime LoRA API) unless it is; blocking."""
+        key = resolved.key
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # one registration per key, however many requests want it at once
+            if key not in self.loaded:
+                self._register(key, resolved.folder)
+                self.loaded[key] = resolved.folder
+                self.counters["loads"] += 1
+        return key
+
+    def _register(self, key: str, folder: Path) -> None:
+        body = {"lora_name": key, "lora_path": str(folder)}
+        try:
+            response = self.http.post("/v1/load_lora_adapter", json=body)
+        except httpx.HTTPError as exc:
+            self.counters["load_failures"] += 1
+            raise LoomError(f"adapter {key}: vLLM did not answer the load ({exc})") from None
+        if response.status_code != 200 and "already been loaded" not in response.text:
+            self.counters["load_failures"] += 1
+            raise LoomError(f"adapter {key}: vLLM refused to load it: {error_of(response)[0]}")
+
+    def reload_all(self) -> None:
+        """After a vLLM restart: put back every adapter registered before it died."""
+        for key, folder in list(self.loaded.items()):
+            try:
+                self._register(key, folder)
+            except LoomError as exc:
+                log.error("re-registering %s after a vLLM restart failed: %s", key, exc)
+                self.loaded.pop(key, None)
+
+    def resolve_adapter(self, ref: str) -> ResolvedAdapter:
+        return self.resolver.resolve(ref)
+
+    async def aresolve_adapter(self, ref: str) -> ResolvedAdapter:
+        hit = self.resolver.cached(ref)
+        return hit if hit is not None else await asyncio.to_thread(self.resolver.resolve, ref)
+
+    def _on_resolved(self, key: str) -> None:
+        for listener in self.version_listeners:
+            listener(key)
+
+    def load_adapter(self, ref: str, pin: bool = False) -> str:
+        key = self.ensure_loaded(self.resolve_adapter(ref))
+        if pin:
+            self.pinned.add(key)
+        return key
+
+    def pin_adapter(self, key: str, pinned: bool) -> None:
+        # vLLM keeps --max-cpu-loras adapters in its own LRU; Loom records the pin so the
+        # pools API answers the same, and never unloads a pinned key.
+        (self.pinned.add if pinned else self.pinned.discard)(key)
+
+    def unload_adapter(self, ref: str) -> bool:
+        key = self.resolve_adapter(ref).key if "@" in ref or "/" in ref else self.resolver.routed(ref) or ref
+        if key not in self.loaded:
+            return False
+        response = self.http.post("/v1/unload_lora_adapter", json={"lora_name": key})
+        if response.status_code != 200:
+            raise LoomError(f"adapter {key}: vLLM refused to unload it: {error_of(response)[0]}")
+        self.loaded.pop(key, None)
+        self.pinned.discard(key)
+        self.counters["unloads"] += 1
+        return True
+
+    def swap_adapter(self, name: str, version: str) -> str:
+        """Hot-swap: register ``name@version`` in vLLM, then route new requests for ``name``."""
+        key = self.load_adapter(f"{name}@{version}")
+        self.resolver.route(name, key)
+        self.counters["swaps"] += 1
+        return key
+
+    def versions_in_use(self) -> set[str]:
+        return {k for k in set(self.loaded) | self.resolver.in_use() if not k.startswith("path:")}
+
+    def cancel(self, request_id: str) -> None:
+        """Closing a stream aborts it in vLLM; there is nothing to cancel by id."""
+
+    # ------------------------------------------------------------- status
+    def stats(self) -> dict[str, Any]:
+        gauges = self.scraper.values
+        counters = {**self.counters, **self.resolver.counters}
+        return {
+            "backend": "vllm",
+            "vllm": {
+                "url": self.supervisor.url,
+                "state": self.supervisor.state,
+                "restarts": self.supervisor.restarts,
+            },
+            "queue_depth": int(gauges.get("vllm:num_requests_waiting", 0)),
+            "batch_size": int(gauges.get("vllm:num_requests_running", 0)),
+            "prefilling_tokens_left": 0,
+            "steps": 0,
+            "tokens_generated": int(gauges.get("vllm:generation_tokens_total", 0)),
+            "adapters_loading": 0,
+            "adapters_waiting_for_slot": 0,
+            "prefix_cache_hits": 0,
+            "prefix_tokens_saved": 0,
+            "prefix_cache_bytes": 0,
+            "resident_adapters": sorted(self.loaded),
+            "adapter_counters": counters,
+            "oom_events": 0,
+            "kv_cache_slots": self.config.max_batch_size,
+            "max_seq_len": self.max_len,
+            "device": self.supervisor.launch.device,
+            "dtype": self.supervisor.launch.dtype,
+            "base": self.base_ref,
+        }
+
+    def shutdown(self) -> None:
+        self.scraper.stop()
+        self.supervisor.stop()
+        self.http.close()
+
+
+def _guided(processor: LogitsProcessor | None) -> GuidedDecoding | None:
+    if processor is None or isinstance(processor, GuidedDecoding):
+        return processor
+    raise LoomError("the vLLM backend takes constraints as JSON schemas or regexes, not logits processors")
