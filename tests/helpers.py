@@ -31,6 +31,7 @@ def make_lora_adapter(
     seed: int = 1,
     r: int = 4,
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    b_std: float = 0.5,
     **lora: Any,
 ) -> Path:
     """A PEFT LoRA adapter with non-zero B so it really changes the output. ``lora``: more
@@ -44,7 +45,7 @@ def make_lora_adapter(
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.5)
+                param.normal_(0, b_std)
     peft_model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -159,6 +159,9 @@ class Supervisor:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             log.error("vLLM (pid %d) survived SIGKILL", self.proc.pid)
+        deadline = time.monotonic() + 10  # its engine core and workers die asynchronously
+        while group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def log_tail(self) -> str:
         try:
@@ -167,3 +170,16 @@ class Supervisor:
                 return f.read().decode(errors="replace")
         except OSError:
             return "(no log)"
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, read from /proc (Linux)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
