@@ -4,8 +4,8 @@ The rule that keeps failover honest: a request that may have run on a server (th
 made and the body sent, then the answer never came or was a 5xx) is sent nowhere else unless the
 call is idempotent (GET, DELETE) or the caller said ``retry_unsafe=True``. A request that cannot
 have run (connection refused or timed out, 503 from a server that is loading or draining, 429 from
-one whose queue is full) always moves on. Only those safe outcomes earn another pass over the
-endpoints, after an exponential backoff with jitter.
+one whose queue is full) always moves on. When every endpoint of a pass failed that way, another
+pass follows (``RetryPolicy.max_retries``), after an exponential backoff with jitter.
 
 The sync and async clients drive a :class:`Dispatch` with their own I/O; the decisions live here once."""
 
