@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from loom.cli.output import console, print_json
+from loom.cli.output import console, err_console, print_json
 from loom.errors import LoomError
 
 if TYPE_CHECKING:
@@ -135,10 +134,7 @@ def import_(
         f"imported {stored.session_id} ({len(stored.messages)} messages) for {owner}", highlight=False
     )
     if dropped:
-        print(
-            f"note: the {dropped} oldest messages were dropped (a session keeps at most the latest)",
-            file=sys.stderr,
-        )
+        err_console.print(f"note: the {dropped} oldest messages were dropped (a session keeps the latest)")
 
 
 @app.command("rm")

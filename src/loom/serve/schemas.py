@@ -167,7 +167,7 @@ class ConversationSummary(BaseModel):
     created: float
     updated: float
     messages: int
-    preview: str  # the start of the first kept user message
+    preview: str  # the start of the first kept message (normally the first question)
 
 
 class ConversationList(BaseModel):
