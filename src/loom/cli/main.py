@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 from loom import __version__
 from loom.cli import agents as agents_cli
 from loom.cli import bench as bench_cli
+from loom.cli import conversations as conversations_cli
 from loom.cli import data as data_cli
 from loom.cli import export as export_cli
 from loom.cli import feedback as feedback_cli
@@ -63,6 +64,7 @@ app.command("rollback")(promote_cli.rollback_cmd)
 app.command("versions")(promote_cli.versions_cmd)
 app.add_typer(feedback_cli.app, name="feedback")
 app.add_typer(export_cli.app, name="export")
+app.add_typer(conversations_cli.app, name="conversations")
 
 
 @app.callback(invoke_without_command=True)

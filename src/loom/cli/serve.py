@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
+from loom.cli.conversations import default_conversations
 from loom.cli.output import console, print_json
 from loom.errors import LoomError
 from loom.vllm.options import DEFAULT_VLLM_PYTHON, VLLMOptions
@@ -80,6 +81,13 @@ def serve(
         help="SQLite file logging every response (id, version, input, output, latency) and the feedback "
         "posted on them (POST /v1/feedback), or 'off'. Default: requests.sqlite beside a local store "
         "(<store root>/../requests.sqlite); for an s3:// store, in Loom's user data folder.",
+    ),
+    conversations: str | None = _O(
+        None,
+        "--conversations",
+        help="Where /chat sessions are kept, surviving restarts: a SQLite file, a SQLAlchemy URL "
+        "(postgresql+psycopg://user:PASSWORD@host/db, shared by replicas), or 'memory'. Default: "
+        "conversations.sqlite beside a local store; for an s3:// store, in Loom's user data folder.",
     ),
     request_log_retention: int = _O(
         100_000, "--request-log-retention", help="Rows kept; the oldest go first (never those with feedback)."
@@ -157,6 +165,7 @@ def serve(
         stub=stub,
         require_keys=require_keys,
         request_log=_request_log_path(request_log),
+        conversations=conversations or str(default_conversations()),  # --db of `loom conversations`
         request_log_retention=request_log_retention,
         log_prompts=log_prompts == "on",
         backend=backend,

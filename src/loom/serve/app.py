@@ -62,16 +62,19 @@ def create_app(cfg: ServeConfig, store: Store | None = None, engine: ServingEngi
             service.leases.close()
         if app.state.request_log is not None:  # writes what is still queued
             await asyncio.to_thread(app.state.request_log.close)
+        await asyncio.to_thread(service.conversations.close)
 
     app = FastAPI(title="Loom", version=__version__, lifespan=lifespan)
     app.state.service = service
     app.state.pools = PoolManager(service)
     app.state.request_log = open_log(cfg.request_log, cfg.request_log_retention, cfg.log_prompts)
     install_handlers(app)
+    from loom.serve import conversations as conversation_routes
     from loom.serve import routes_admin, routes_agents, routes_feedback, routes_native, routes_openai
 
     app.include_router(routes_openai.router)
     app.include_router(routes_native.router)
+    app.include_router(conversation_routes.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_agents.router)
     app.include_router(routes_feedback.router)

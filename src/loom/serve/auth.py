@@ -3,12 +3,12 @@ and the start-up check that says (or, with ``--require-keys``, refuses) when a s
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import secrets
 
 from fastapi import Request
 
+from loom.conversations.types import owner_id
 from loom.errors import LoomError
 from loom.serve.config import ServeConfig
 from loom.serve.errors import APIError
@@ -49,9 +49,9 @@ def key_id(request: Request) -> str:
     """Who is calling, for binding state (conversations) to a caller: a digest of the bearer
     token (never the token itself), or "" on a server without keys."""
     token = _bearer(request)
-    if request.app.state.service.cfg.api_key is None or token is None:
+    if request.app.state.service.cfg.api_key is None:
         return ""
-    return hashlib.sha256(token.encode()).hexdigest()[:32]
+    return owner_id(token)  # the same digest `loom conversations import --key-env` computes
 
 
 def _bearer(request: Request) -> str | None:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loom.conversations.store import DEFAULT_MAX_MESSAGES, DEFAULT_MAX_SESSIONS
 from loom.vllm.options import VLLMOptions
 
 
@@ -47,8 +48,11 @@ class ServeConfig:
     # the longest an alias move (alias set, rollback, promotion) takes to reach new requests
     alias_refresh_s: float = 1.0
     default_max_tokens: int = 128
-    max_sessions: int = 1000
-    max_session_messages: int = 40
+    max_sessions: int = DEFAULT_MAX_SESSIONS  # per API key
+    max_session_messages: int = DEFAULT_MAX_MESSAGES
+    # /chat sessions (loom.conversations): a SQLAlchemy URL or a SQLite path; None: in memory only
+    # (`loom serve` defaults to conversations.sqlite beside the store: --conversations)
+    conversations: str | None = None
     # "loom" (Loom's engine in this process) or "vllm" (a supervised vLLM child process behind
     # this server as its gateway: loom.vllm); the vLLM-only flags are in vllm
     backend: str = "loom"

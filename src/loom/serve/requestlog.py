@@ -105,14 +105,14 @@ def new_response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def default_log_path(store_root: str) -> Path:
-    """``requests.sqlite`` beside a local store (``<store root>/../requests.sqlite``); for a
-    remote store (s3://...), in Loom's user data folder."""
+def default_log_path(store_root: str, filename: str = LOG_FILE) -> Path:
+    """``requests.sqlite`` (or ``filename``) beside a local store (``<store root>/../requests.sqlite``);
+    for a remote store (s3://...), in Loom's user data folder."""
     if "://" not in store_root:
-        return Path(store_root).expanduser().resolve().parent / LOG_FILE
+        return Path(store_root).expanduser().resolve().parent / filename
     from platformdirs import user_data_dir
 
-    return Path(user_data_dir("loom", appauthor=False)) / LOG_FILE
+    return Path(user_data_dir("loom", appauthor=False)) / filename
 
 
 def _since(value: float | datetime | None) -> float:

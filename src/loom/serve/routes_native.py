@@ -1,5 +1,6 @@
 """Native routes existing deployments call: /generate, /chat (+ /chat/stream) with per-session
-conversations, /conversation, /health and /info."""
+conversations (stored by loom.conversations; /conversation* routes in loom.serve.conversations),
+/health and /info."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from loom import __version__
+from loom.conversations import Session
 from loom.engine import SamplingParams
-from loom.serve.auth import key_id, require_key
+from loom.serve.auth import require_key
+from loom.serve.conversations import chat_job, exchange, open_session, save, save_cut_off
 from loom.serve.errors import APIError
 from loom.serve.pools import take_rows
 from loom.serve.prompts import text_prompt_ids
@@ -27,10 +30,14 @@ from loom.serve.stamp import Stamp, stamp_for
 router = APIRouter()
 
 
-async def _target(request: Request, agent: str | None, adapter: str | None) -> Target:
+def _one_model(agent: str | None, adapter: str | None) -> str | None:
     if agent and adapter:
         raise APIError(400, "give either agent or adapter, not both", param="adapter")
-    return await resolve_target(request, agent or adapter)
+    return agent or adapter
+
+
+async def _target(request: Request, agent: str | None, adapter: str | None) -> Target:
+    return await resolve_target(request, _one_model(agent, adapter))
 
 
 def _answer(job: Job, completion: Any, stamp: Stamp, **extra: Any) -> dict[str, Any]:
@@ -80,113 +87,65 @@ async def generate(body: GenerateRequest, request: Request, response: Response) 
     return _answer(job, done, stamp, text=done.text)
 
 
-def _no_session(session_id: str) -> APIError:
-    return APIError(
-        404,
-        f"no conversation {session_id!r} for this API key (it may have expired); omit session_id "
-        "to start a new one (the server makes the id)",
-        "not_found_error",
-        "session_not_found",
-        "session_id",
-    )
-
-
-async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tuple[Job, str, Stamp]:
-    target = await _target(request, body.agent, body.adapter)
-    said = {"message": body.message, **({"context": body.context} if body.context else {})}
+async def _chat_job(service: Service, body: ChatRequest, request: Request) -> tuple[Job, Session, int, Stamp]:
+    _one_model(body.agent, body.adapter)
+    session = await open_session(request, body)
+    target = await resolve_target(request, session.model)
+    said: dict[str, Any] = {"message": body.message, **({"context": body.context} if body.context else {})}
+    if body.context_files:
+        said["context_files"] = [f.name for f in body.context_files]
     stamp = stamp_for(request, target, new_response_id("chat"), said)
-    system = "\n\n".join(s for s in (target.system, body.context and f"Context:\n{body.context}") if s)
-    if body.session_id is None:
-        session, history = service.conversations.new_id(), []
-    else:  # only a session this key started: ids are the server's, a client cannot pick one
-        found = service.conversations.history(body.session_id, key_id(request))
-        if found is None:
-            raise _no_session(body.session_id)
-        session, history = body.session_id, list(found)  # read on the loop, used in a thread
-
-    def build() -> Job:
-        while True:  # a long session keeps working: its oldest turns fall out of the prompt
-            messages = ([{"role": "system", "content": system}] if system else []) + history
-            messages.append({"role": "user", "content": body.message})
-            params = SamplingParams(
-                max_new_tokens=body.max_tokens or service.cfg.default_max_tokens, temperature=body.temperature
-            )
-            try:
-                return service.job(messages, target, params, body.max_tokens is not None)
-            except APIError as exc:
-                if exc.code != "context_length_exceeded" or not history:
-                    raise
-                del history[:2]
-
-    return await asyncio.to_thread(build), session, stamp
+    job, trimmed = await asyncio.to_thread(chat_job, service, target, session, body)
+    return job, session, trimmed, stamp
 
 
 @router.post("/chat", dependencies=[Depends(require_key)])
 async def chat(body: ChatRequest, request: Request, response: Response) -> dict[str, Any]:
     service = service_of(request)
-    job, session, stamp = await _chat_job(service, body, request)
+    job, session, trimmed, stamp = await _chat_job(service, body, request)
     grant = await take_rows(request, job.target, 1, service.admit())
     try:
         (done,) = await service.run(request, [job])
     finally:
         grant.release()
-    service.conversations.append(
-        session,
-        key_id(request),
-        {"role": "user", "content": body.message},
-        {"role": "assistant", "content": done.text},
-    )
+    await save(service.conversations, session, exchange(body.message, done.text))
     stamp.done(done.text)
     stamp.apply(response)
-    return _answer(job, done, stamp, session_id=session, response=done.text)
+    extra = {"session_id": session.session_id, "response": done.text, "trimmed_turns": trimmed}
+    return _answer(job, done, stamp, **extra)
 
 
 @router.post("/chat/stream", dependencies=[Depends(require_key)], response_model=None)
 async def chat_stream(body: ChatRequest, request: Request) -> Response:
+    """Deltas, then the answer (``done``: true). The exchange is saved when the answer is
+    complete, or marked incomplete with the text so far when the stream is cut off."""
     service = service_of(request)
-    job, session, stamp = await _chat_job(service, body, request)
-    owner = key_id(request)
+    job, session, trimmed, stamp = await _chat_job(service, body, request)
+    store, sid = service.conversations, session.session_id
     grant = await take_rows(request, job.target, 1, service.admit())
 
     async def events() -> AsyncIterator[bytes]:
-        texts = [""]
-        with stamp.streaming(texts):
-            async for piece in service.stream(job):
-                texts[0] += piece.text
-                if piece.text:
-                    yield event({"session_id": session, "delta": piece.text})
-                if piece.finished and piece.completion is not None:
-                    text = texts[0] = piece.completion.text
-                    service.conversations.append(
-                        session,
-                        owner,
-                        {"role": "user", "content": body.message},
-                        {"role": "assistant", "content": text},
-                    )
-                    grant.release()  # the engine work is done: a slow reader must not hold a queue place
-                    answer = _answer(
-                        job, piece.completion, stamp, session_id=session, response=text, done=True
-                    )
-                    yield event(answer)
+        texts, saving = [""], False
+        try:
+            with stamp.streaming(texts):
+                async for piece in service.stream(job):
+                    texts[0] += piece.text
+                    if piece.text:
+                        yield event({"session_id": sid, "delta": piece.text})
+                    if piece.finished and piece.completion is not None:
+                        text = texts[0] = piece.completion.text
+                        saving = True  # from here the complete exchange is saved, never a cut-off copy
+                        await save(store, session, exchange(body.message, text))
+                        grant.release()  # the engine work is done: a slow reader must not hold a queue place
+                        extra = {"session_id": sid, "response": text, "trimmed_turns": trimmed, "done": True}
+                        yield event(_answer(job, piece.completion, stamp, **extra))
+        finally:
+            if not saving:
+                save_cut_off(store, session, exchange(body.message, texts[0], incomplete=True))
 
     response = streaming(grant, events(), done=False)
     stamp.apply(response)  # the headers go out before the first event
     return response
-
-
-@router.get("/conversation", dependencies=[Depends(require_key)])
-async def get_conversation(request: Request, session_id: str = Query(...)) -> dict[str, Any]:
-    messages = service_of(request).conversations.history(session_id, key_id(request))
-    if messages is None:
-        raise _no_session(session_id)
-    return {"session_id": session_id, "messages": messages}
-
-
-@router.delete("/conversation", dependencies=[Depends(require_key)])
-async def delete_conversation(request: Request, session_id: str = Query(...)) -> dict[str, Any]:
-    if not service_of(request).conversations.delete(session_id, key_id(request)):
-        raise _no_session(session_id)
-    return {"session_id": session_id, "deleted": True}
 
 
 @router.get("/health", response_model=None)

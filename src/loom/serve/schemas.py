@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from loom.conversations.io import MAX_CONTEXT_FILES, ContextDocument, ConversationDocument
+
 # OpenAI allows 4 stop sequences; long or many stops would be matched on every token of the
 # shared engine thread, so both are bounded.
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
@@ -119,14 +121,70 @@ class GenerateRequest(_Body):
     seed: Seed | None = None
 
 
+SessionId = Annotated[str, Field(max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
 class ChatRequest(_Body):
+    """One message of a /chat session. Without ``session_id`` a new session starts, talking to
+    ``agent`` or ``adapter`` (kept for the session) with ``context_files`` (documents sent by
+    value, kept for the session); with it, the session continues."""
+
     message: str = Field(min_length=1)
-    context: str | None = None
-    session_id: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    context: str | None = None  # this turn only, not kept
+    session_id: SessionId | None = None
     agent: ModelName | None = None
     adapter: ModelName | None = None
+    context_files: Annotated[list[ContextDocument], Field(max_length=MAX_CONTEXT_FILES)] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: Temperature = 0.0
+
+
+class ConversationImport(ConversationDocument):
+    """POST /conversation/import: an exported document (loom.conversations.io); it gets a new id."""
+
+    model: ModelName | None = Field(default=None, max_length=256)
+
+
+class ConversationMessage(BaseModel):
+    role: str
+    content: str
+    time: float
+    incomplete: bool = False  # an answer cut off mid-stream: the text it had reached
+
+
+class Conversation(BaseModel):
+    """GET /conversation."""
+
+    session_id: str
+    model: str | None
+    context_files: list[str]  # their names; GET /conversation/export has their text
+    messages: list[ConversationMessage]
+
+
+class ConversationSummary(BaseModel):
+    session_id: str
+    model: str | None
+    created: float
+    updated: float
+    messages: int
+    preview: str  # the start of the first kept message (normally the first question)
+
+
+class ConversationList(BaseModel):
+    """GET /conversations: the caller's sessions, most recently updated first."""
+
+    sessions: list[ConversationSummary]
+
+
+class ConversationDeleted(BaseModel):
+    session_id: str
+    deleted: bool
+
+
+class ConversationImported(BaseModel):
+    session_id: str
+    messages: int  # kept
+    dropped_messages: int  # the oldest, beyond the server's --max-session-messages
 
 
 class PoolCreate(_Body):

@@ -11,13 +11,13 @@ from typing import Any
 from jinja2 import TemplateError
 from starlette.requests import Request
 
+from loom.conversations import open_store
 from loom.engine import SamplingParams
 from loom.engine.engine import Prompt
 from loom.engine.serving import ServingEngine
 from loom.engine.types import Completion, LogitsProcessor, StreamChunk
 from loom.serve.agents import ServedAgents
 from loom.serve.config import ServeConfig
-from loom.serve.conversations import Conversations
 from loom.serve.errors import APIError, server_error
 from loom.serve.leasing import ServingLeases
 from loom.serve.lora_limits import check_served
@@ -64,7 +64,9 @@ class Service:
         self.leases: ServingLeases | None = None  # the store lease on what this server uses
         self.agents = ServedAgents(None)  # create_app sets the map's
         self.metrics = Metrics(self._engine_stats)
-        self.conversations = Conversations(cfg.max_sessions, cfg.max_session_messages)
+        self.conversations = open_store(
+            cfg.conversations, max_sessions=cfg.max_sessions, max_messages=cfg.max_session_messages
+        )
 
     def refuse_beyond_limits(self, engine: ServingEngine) -> None:
         """Every adapter version the engine resolves, by any route (requests, agents, pools,
@@ -126,14 +128,9 @@ class Service:
     ) -> Job:
         """Tokenize and check lengths; an unset max_tokens shrinks to what the context leaves."""
         engine, _ = self.ready()
-        try:
-            ids = engine.tokenize(prompt)
-        except TemplateError as exc:  # e.g. a chat template that insists on alternating roles
-            raise APIError(
-                400, f"the base's chat template refused these messages: {exc}", param="messages"
-            ) from None
+        ids = self.tokenize(prompt)
         max_len = engine.max_len
-        limit = min(self.cfg.max_prompt_tokens or max_len - 1, max_len - 1)
+        limit = self.prompt_limit()
         if len(ids) > limit:
             raise APIError(
                 400,
@@ -154,6 +151,20 @@ class Service:
                 )
             params.max_new_tokens = room
         return Job(ids, target, params, processor)
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        engine, _ = self.ready()
+        try:
+            return engine.tokenize(prompt)
+        except TemplateError as exc:  # e.g. a chat template that insists on alternating roles
+            raise APIError(
+                400, f"the base's chat template refused these messages: {exc}", param="messages"
+            ) from None
+
+    def prompt_limit(self) -> int:
+        """The most prompt tokens a request may have (--max-prompt-tokens, below the context)."""
+        max_len = self.ready()[0].max_len
+        return min(self.cfg.max_prompt_tokens or max_len - 1, max_len - 1)
 
     def _submit_stream(self, job: Job) -> AsyncIterator[StreamChunk]:
         engine, _ = self.ready()
