@@ -12,6 +12,7 @@ from loom.errors import LoomError
 from loom.train.config import TrainConfig
 from loom.train.packing import StepBlockSampler, pack_groups
 from loom.train.progress import LossLog, RichProgress
+from loom.train.ranks import is_main_process, sharded_launch
 from loom.train.tokenize import IGNORE, Tokenized
 
 WARMUP_RATIO = 0.03  # of the training steps, linear warm-up before the cosine decay
@@ -96,7 +97,9 @@ def _load_model(cfg: TrainConfig, path: str, device: Any, dtype: Any) -> Any:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
-    else:
+    elif sharded_launch() is None:
+        # Under FSDP/ZeRO-3 the wrapper moves the weights shard by shard; the whole base on
+        # every GPU first would cost the memory sharding saves.
         model.to(device)
     return model
 
@@ -188,7 +191,8 @@ def fit(
         train_dataset=train_dataset,
         eval_dataset=_dataset(eval_items) if eval_items else None,
         processing_class=tokenizer,
-        callbacks=[log, RichProgress(console)],
+        # one progress bar per job, not per rank
+        callbacks=[log, RichProgress(console)] if is_main_process() else [log],
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -209,9 +213,12 @@ def fit(
                 "elapsed_s": None,
             }
         )
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    log.write_csv(out_dir / "loss.csv")
-    log.write_png(out_dir / "loss.png", f"{cfg.adapter_name or 'adapter'}: loss")
+    # On every rank: under FSDP/ZeRO-3 saving gathers the sharded adapter (a collective); the
+    # Trainer writes the files from rank 0 only.
+    trainer.save_model(str(out_dir))
+    if trainer.is_world_process_zero():
+        log.write_csv(out_dir / "loss.csv")
+        log.write_png(out_dir / "loss.png", f"{cfg.adapter_name or 'adapter'}: loss")
     train_losses = [r["loss"] for r in log.rows if r.get("loss") is not None]
     tokens_seen = int(trainer.state.num_input_tokens_seen)
     return {
