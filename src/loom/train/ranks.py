@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 TEST_FAIL_RANK = "LOOM_TEST_FAIL_RANK"
+TEST_FAIL_DELAY_S = 5.0
 
 
 def rank() -> int:
@@ -36,9 +38,11 @@ def wait_for_all_ranks() -> None:
 
 def fail_here_for_tests() -> None:
     """Test hook: ``LOOM_TEST_FAIL_RANK=N`` SIGKILLs rank N (no cleanup, as the OOM killer or a
-    lost node would) after it trained and before the publish barrier, the last moment a dead
-    rank must still stop the adapter from being published (tests/test_train_ddp.py)."""
+    lost node would) after it trained, before the publish barrier: the last moment a dead rank
+    must still stop the adapter from being published. It dies only after TEST_FAIL_DELAY_S, a
+    straggler: without the barrier rank 0 publishes meanwhile (tests/test_train_ddp.py)."""
     if os.environ.get(TEST_FAIL_RANK) == str(rank()):
+        time.sleep(TEST_FAIL_DELAY_S)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

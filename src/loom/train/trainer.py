@@ -180,6 +180,9 @@ def fit(
         # on GPUs, not on CPUs where memory is plentiful and compute is scarce.
         gradient_checkpointing=device.type == "cuda",
         dataloader_num_workers=0,
+        # Every LoRA weight takes part in every forward: DDP need not search for unused ones
+        # (an extra pass over the graph each step; with checkpointing on CUDA it must be off).
+        ddp_find_unused_parameters=False,
     )
     log = LossLog()
     from peft import get_peft_model
