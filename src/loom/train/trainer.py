@@ -104,53 +104,13 @@ def _load_model(cfg: TrainConfig, path: str, device: Any, dtype: Any) -> Any:
     return model
 
 
-def fit(
-    cfg: TrainConfig,
-    base_path: str,
-    tokenizer: Any,
-    items: list[Tokenized],
-    eval_items: list[Tokenized],
-    targets: list[str],
-    device: Any,
-    dtype: Any,
-    out_dir: Path,
-    console: Console,
-) -> dict[str, Any]:
+def _training_args(
+    cfg: TrainConfig, out_dir: Path, device: Any, dtype: Any, micro_batch: int, accumulation: int
+) -> Any:
     import torch
-    from peft import LoraConfig
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    if cfg.resume and (not out_dir.is_dir() or get_last_checkpoint(str(out_dir)) is None):
-        raise LoomError(
-            f"--resume: no checkpoint-* folder in {out_dir} to resume from; "
-            f"drop --resume or point --output_dir at the interrupted run"
-        )
-    torch.manual_seed(cfg.seed)
-    model = _load_model(cfg, base_path, device, dtype)
-    lora = LoraConfig(
-        r=cfg.adapter_r,
-        lora_alpha=cfg.adapter_alpha,
-        lora_dropout=cfg.adapter_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    micro_batch, accumulation = cfg.train_batch_size, cfg.gradient_accumulation
-    blocks: list[list[int]] | None = None
-    if not cfg.packing:
-        train_dataset = _dataset(items)
-    else:
-        # One packed row per micro-step. On CPU rows stay within max_seq_length:
-        # without flash attention a packed row costs attention over its whole length
-        # squared (three flattened rows of 384 made packing only 1.12x). On CUDA a row may
-        # hold what a padded micro-batch would.
-        row_tokens = cfg.max_seq_length * (1 if device.type == "cpu" else cfg.train_batch_size)
-        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        train_dataset, blocks, width = _packed_steps(
-            items, cfg.train_batch_size * cfg.gradient_accumulation, row_tokens, cfg.seed, pad_id
-        )
-        micro_batch, accumulation = 1, width
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(out_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -184,6 +144,57 @@ def fit(
         # (an extra pass over the graph each step; with checkpointing on CUDA it must be off).
         ddp_find_unused_parameters=False,
     )
+
+
+def fit(
+    cfg: TrainConfig,
+    base_path: str,
+    tokenizer: Any,
+    items: list[Tokenized],
+    eval_items: list[Tokenized],
+    targets: list[str],
+    device: Any,
+    dtype: Any,
+    out_dir: Path,
+    console: Console,
+) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    if cfg.resume and (not out_dir.is_dir() or get_last_checkpoint(str(out_dir)) is None):
+        raise LoomError(
+            f"--resume: no checkpoint-* folder in {out_dir} to resume from; "
+            f"drop --resume or point --output_dir at the interrupted run"
+        )
+    lora = LoraConfig(
+        r=cfg.adapter_r,
+        lora_alpha=cfg.adapter_alpha,
+        lora_dropout=cfg.adapter_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    micro_batch, accumulation = cfg.train_batch_size, cfg.gradient_accumulation
+    blocks: list[list[int]] | None = None
+    if not cfg.packing:
+        train_dataset = _dataset(items)
+    else:
+        # One packed row per micro-step. On CPU rows stay within max_seq_length:
+        # without flash attention a packed row costs attention over its whole length
+        # squared (three flattened rows of 384 made packing only 1.12x). On CUDA a row may
+        # hold what a padded micro-batch would.
+        row_tokens = cfg.max_seq_length * (1 if device.type == "cpu" else cfg.train_batch_size)
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        train_dataset, blocks, width = _packed_steps(
+            items, cfg.train_batch_size * cfg.gradient_accumulation, row_tokens, cfg.seed, pad_id
+        )
+        micro_batch, accumulation = 1, width
+    # Before the model loads: these set up the process group, and under FSDP (rank 0 alone
+    # reads the weights) or ZeRO-3 (weights partitioned as they load) from_pretrained needs it.
+    args = _training_args(cfg, out_dir, device, dtype, micro_batch, accumulation)
+    torch.manual_seed(cfg.seed)
+    model = _load_model(cfg, base_path, device, dtype)
     log = LossLog()
     from peft import get_peft_model
 
