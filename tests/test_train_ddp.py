@@ -16,13 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
+from loom.errors import LoomError
 from loom.store import Store
 from loom.store.importers import import_hf_dir
 from loom.train.config import TrainConfig
 from loom.train.ranks import TEST_FAIL_RANK
-from loom.train.run import train
+from loom.train.run import _output_dir, train
 
 CONFIG = Path(__file__).parents[1] / "examples" / "accelerate" / "ddp_cpu_2proc.yaml"
 ROWS = [{"prompt": f"play song {i}", "response": '{"intent": "PlayMusic"}'} for i in range(12)] + [
@@ -38,6 +40,7 @@ GLOBAL_BATCH, RANKS = 4, 2
 # division by sqrt(v) can amplify it where gradients are tiny, hence 100x headroom. Training on
 # other rows or another global batch moves the weights by ~1e-3, far above it.
 ATOL = 1e-5
+ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
 
 
 def _free_port() -> int:
@@ -134,3 +137,22 @@ def test_a_rank_killed_before_publishing_fails_the_job_and_publishes_nothing(
     # rank 0's dataset snapshot, taken before training, is complete and reused by a rerun
     assert len(_versions(store, "dataset")) <= 1
     _nothing_partial(Path(store.url))
+
+
+def test_several_ranks_need_one_output_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LoomError, match="under 2 processes needs --output_dir"):
+        _output_dir(TrainConfig(adapter_name="intent"))
+
+
+@pytest.mark.parametrize(("env", "name"), [({"ACCELERATE_USE_FSDP": "true"}, "FSDP"), (ZERO3, "ZeRO-3")])
+def test_qlora_under_a_sharding_launch_is_refused_before_the_store_is_touched(
+    env: dict[str, str], name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    store = Store(tmp_path / "store")
+    cfg = TrainConfig(train_files=[str(tmp_path / "x.jsonl")], qlora=True, output_dir=tmp_path / "run")
+    with pytest.raises(LoomError, match=f"--qlora under {name}: .*ddp\\.yaml"):
+        train(cfg, store)
+    assert not (tmp_path / "store").exists()
