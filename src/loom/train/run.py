@@ -266,9 +266,10 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
 
     if cfg.dry_run:
         summary["ended_at"] = datetime.now(timezone.utc).isoformat()
-        if is_main_process():
+        main = is_main_process()
+        if main:
             _write_summary(out_dir, summary)
-        return TrainResult(out_dir, summary, example=example, skipped=train_report.skipped)
+        return TrainResult(out_dir, summary, example=example, skipped=train_report.skipped, main_process=main)
 
     from loom.train.trainer import fit
 
