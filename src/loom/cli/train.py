@@ -77,6 +77,8 @@ def train(
             overrides[key] = None
     cfg = load_config(config, overrides)
     result = run_train(cfg, Store(root), err_console)
+    if not result.main_process:  # rank 0 reports for the whole multi-process job
+        return
     if as_json:
         print_json(result.summary)
         return

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
-import os
 import random
 import resource
 import sys
@@ -33,6 +32,13 @@ from loom.store.manifest import BaseInfo, Manifest, Source
 from loom.store.store import Store
 from loom.train.config import TrainConfig
 from loom.train.estimate import estimate
+from loom.train.ranks import (
+    fail_here_for_tests,
+    is_main_process,
+    sharded_launch,
+    wait_for_all_ranks,
+    world_size,
+)
 from loom.train.tokenize import Tokenized, check_masks, show_mask, tokenize_examples
 
 # All attention projections: PEFT's default (q, v) learns less per step for the
@@ -47,6 +53,7 @@ class TrainResult:
     manifest: Manifest | None = None
     example: str = ""
     skipped: list[str] = field(default_factory=list)
+    main_process: bool = True  # False on ranks > 0 of a multi-process run: they report nothing
 
 
 @dataclass
@@ -89,6 +96,12 @@ def choose_base(cfg: TrainConfig, store: Store) -> BaseChoice:
 
 
 def _check_environment(cfg: TrainConfig) -> None:
+    if cfg.qlora and (sharding := sharded_launch()):
+        raise LoomError(
+            f"--qlora under {sharding}: Loom loads the 4-bit base whole onto each rank's GPU, which "
+            f"{sharding} cannot shard; launch with examples/accelerate/ddp.yaml or "
+            f"deepspeed_zero2.yaml, or drop --qlora to shard a bf16 base"
+        )
     if cfg.qlora:
         import torch
 
@@ -138,6 +151,13 @@ def _split(items: list[Tokenized], frac: float, seed: int) -> tuple[list[Tokeniz
 def _output_dir(cfg: TrainConfig) -> Path:
     if cfg.output_dir:
         return cfg.output_dir
+    if world_size() > 1:
+        # Each rank would stamp its own clock; they must share one folder (checkpoints hold
+        # every rank's RNG state, --resume reads them back).
+        raise LoomError(
+            f"loom train under {world_size()} processes needs --output_dir: every rank must "
+            f"write the same run folder; pass e.g. --output_dir runs/{cfg.adapter_name or 'adapter'}-ddp"
+        )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.adapter_name or 'adapter'}-{stamp}"
 
@@ -246,8 +266,10 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
 
     if cfg.dry_run:
         summary["ended_at"] = datetime.now(timezone.utc).isoformat()
-        _write_summary(out_dir, summary)
-        return TrainResult(out_dir, summary, example=example, skipped=train_report.skipped)
+        main = is_main_process()
+        if main:
+            _write_summary(out_dir, summary)
+        return TrainResult(out_dir, summary, example=example, skipped=train_report.skipped, main_process=main)
 
     from loom.train.trainer import fit
 
@@ -259,9 +281,16 @@ def train(cfg: TrainConfig, store: Store | None = None, console: Console | None 
         ended_at=datetime.now(timezone.utc).isoformat(),
         peak_memory_mb=peak_mb,
     )
+    fail_here_for_tests()
+    # Publishing is the commit point of the whole job: rank 0 goes on only once every rank got
+    # here alive. A rank that died makes this barrier fail (or the launcher kills the others),
+    # so nothing is published; after it the other ranks have nothing left to do.
+    wait_for_all_ranks()
+    if not is_main_process():
+        return TrainResult(out_dir, summary, example=example, main_process=False)
     _write_summary(out_dir, summary)
     manifest = None
-    if cfg.publish and is_main_process():
+    if cfg.publish:
         from loom.store.adapters import publish_adapter
 
         if not base.in_store:
@@ -303,11 +332,6 @@ def _bump(cfg: TrainConfig, store: Store, base: BaseChoice, summary: dict[str, A
 def _file_sha256(path: Path) -> str:
     with open(path, "rb") as fh:
         return sha256_stream(fh)[0]
-
-
-def is_main_process() -> bool:
-    """Rank 0 under `accelerate launch`; only it snapshots data and publishes."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _peak_memory_mb(device: Any) -> int:

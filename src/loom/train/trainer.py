@@ -12,6 +12,7 @@ from loom.errors import LoomError
 from loom.train.config import TrainConfig
 from loom.train.packing import StepBlockSampler, pack_groups
 from loom.train.progress import LossLog, RichProgress
+from loom.train.ranks import is_main_process, sharded_launch
 from loom.train.tokenize import IGNORE, Tokenized
 
 WARMUP_RATIO = 0.03  # of the training steps, linear warm-up before the cosine decay
@@ -96,58 +97,20 @@ def _load_model(cfg: TrainConfig, path: str, device: Any, dtype: Any) -> Any:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
-    else:
+    elif sharded_launch() is None:
+        # Under FSDP/ZeRO-3 the wrapper moves the weights shard by shard; the whole base on
+        # every GPU first would cost the memory sharding saves.
         model.to(device)
     return model
 
 
-def fit(
-    cfg: TrainConfig,
-    base_path: str,
-    tokenizer: Any,
-    items: list[Tokenized],
-    eval_items: list[Tokenized],
-    targets: list[str],
-    device: Any,
-    dtype: Any,
-    out_dir: Path,
-    console: Console,
-) -> dict[str, Any]:
+def _training_args(
+    cfg: TrainConfig, out_dir: Path, device: Any, dtype: Any, micro_batch: int, accumulation: int
+) -> Any:
     import torch
-    from peft import LoraConfig
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    if cfg.resume and (not out_dir.is_dir() or get_last_checkpoint(str(out_dir)) is None):
-        raise LoomError(
-            f"--resume: no checkpoint-* folder in {out_dir} to resume from; "
-            f"drop --resume or point --output_dir at the interrupted run"
-        )
-    torch.manual_seed(cfg.seed)
-    model = _load_model(cfg, base_path, device, dtype)
-    lora = LoraConfig(
-        r=cfg.adapter_r,
-        lora_alpha=cfg.adapter_alpha,
-        lora_dropout=cfg.adapter_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    micro_batch, accumulation = cfg.train_batch_size, cfg.gradient_accumulation
-    blocks: list[list[int]] | None = None
-    if not cfg.packing:
-        train_dataset = _dataset(items)
-    else:
-        # One packed row per micro-step. On CPU rows stay within max_seq_length:
-        # without flash attention a packed row costs attention over its whole length
-        # squared (three flattened rows of 384 made packing only 1.12x). On CUDA a row may
-        # hold what a padded micro-batch would.
-        row_tokens = cfg.max_seq_length * (1 if device.type == "cpu" else cfg.train_batch_size)
-        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        train_dataset, blocks, width = _packed_steps(
-            items, cfg.train_batch_size * cfg.gradient_accumulation, row_tokens, cfg.seed, pad_id
-        )
-        micro_batch, accumulation = 1, width
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(out_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -177,7 +140,61 @@ def fit(
         # on GPUs, not on CPUs where memory is plentiful and compute is scarce.
         gradient_checkpointing=device.type == "cuda",
         dataloader_num_workers=0,
+        # Every LoRA weight takes part in every forward: DDP need not search for unused ones
+        # (an extra pass over the graph each step; with checkpointing on CUDA it must be off).
+        ddp_find_unused_parameters=False,
     )
+
+
+def fit(
+    cfg: TrainConfig,
+    base_path: str,
+    tokenizer: Any,
+    items: list[Tokenized],
+    eval_items: list[Tokenized],
+    targets: list[str],
+    device: Any,
+    dtype: Any,
+    out_dir: Path,
+    console: Console,
+) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    if cfg.resume and (not out_dir.is_dir() or get_last_checkpoint(str(out_dir)) is None):
+        raise LoomError(
+            f"--resume: no checkpoint-* folder in {out_dir} to resume from; "
+            f"drop --resume or point --output_dir at the interrupted run"
+        )
+    lora = LoraConfig(
+        r=cfg.adapter_r,
+        lora_alpha=cfg.adapter_alpha,
+        lora_dropout=cfg.adapter_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    micro_batch, accumulation = cfg.train_batch_size, cfg.gradient_accumulation
+    blocks: list[list[int]] | None = None
+    if not cfg.packing:
+        train_dataset = _dataset(items)
+    else:
+        # One packed row per micro-step. On CPU rows stay within max_seq_length:
+        # without flash attention a packed row costs attention over its whole length
+        # squared (three flattened rows of 384 made packing only 1.12x). On CUDA a row may
+        # hold what a padded micro-batch would.
+        row_tokens = cfg.max_seq_length * (1 if device.type == "cpu" else cfg.train_batch_size)
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        train_dataset, blocks, width = _packed_steps(
+            items, cfg.train_batch_size * cfg.gradient_accumulation, row_tokens, cfg.seed, pad_id
+        )
+        micro_batch, accumulation = 1, width
+    # Before the model loads: these set up the process group, and under FSDP (rank 0 alone
+    # reads the weights) or ZeRO-3 (weights partitioned as they load) from_pretrained needs it.
+    args = _training_args(cfg, out_dir, device, dtype, micro_batch, accumulation)
+    torch.manual_seed(cfg.seed)
+    model = _load_model(cfg, base_path, device, dtype)
     log = LossLog()
     from peft import get_peft_model
 
@@ -188,7 +205,8 @@ def fit(
         train_dataset=train_dataset,
         eval_dataset=_dataset(eval_items) if eval_items else None,
         processing_class=tokenizer,
-        callbacks=[log, RichProgress(console)],
+        # one progress bar per job, not per rank
+        callbacks=[log, RichProgress(console)] if is_main_process() else [log],
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -209,9 +227,12 @@ def fit(
                 "elapsed_s": None,
             }
         )
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    log.write_csv(out_dir / "loss.csv")
-    log.write_png(out_dir / "loss.png", f"{cfg.adapter_name or 'adapter'}: loss")
+    # On every rank: under FSDP/ZeRO-3 saving gathers the sharded adapter (a collective); the
+    # Trainer writes the files from rank 0 only.
+    trainer.save_model(str(out_dir))
+    if trainer.is_world_process_zero():
+        log.write_csv(out_dir / "loss.csv")
+        log.write_png(out_dir / "loss.png", f"{cfg.adapter_name or 'adapter'}: loss")
     train_losses = [r["loss"] for r in log.rows if r.get("loss") is not None]
     tokens_seen = int(trainer.state.num_input_tokens_seen)
     return {
