@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317  # the dry-run check functions are called through `check`
 # Loom's CUDA paths on one GPU machine in one run (about 8 minutes on an H200), ending in one table.
 # `--help` says how; DEVELOPERS.md says how to run it through the device tool.
 set -uo pipefail
@@ -35,13 +36,13 @@ Options:
                      use it with --shape tiny)
   --train-steps N    QLoRA optimizer steps (default 5)
   --engine-args STR  extra arguments for benchmarks/engine.py (default: --quick)
-  --budget S         seconds for the whole run (default 540: one 600 s device call);
+  --budget S         seconds for the whole run (default 570: one 600 s device call);
                      each step gets min(its own limit, what is left after the later
                      steps' reserves), and is skipped when that is under 30 s
   --work DIR         working folder (default: a new temp folder; its store holds the
                      base: ~15 GB for Mistral-7B, twice while importing)
-  --out DIR          copy the table, a JSON of the results and each step's log there
-                     (at most 8 files: the device tool's $OUT)
+  --out DIR          copy the table (gpu_check.txt and .json), engine.json and each
+                     step's log there (8 files at most, as the device tool's $OUT takes)
   --keep             keep the working folder
   --dry-run          print every command with its resolved paths and check what can be
                      checked without a GPU (files, CLI flags, helper snippets); exit 0
@@ -62,7 +63,7 @@ SHAPE=mistral-7b
 DEVICE=cuda
 TRAIN_STEPS=5
 ENGINE_ARGS="--quick"
-BUDGET=540
+BUDGET=570
 WORK=""
 OUT_DIR=""
 KEEP=0
@@ -98,6 +99,11 @@ if [[ -n $WHEELS ]]; then
 	[[ -z $TOKENIZER && -d $WHEELS/tokenizer ]] && TOKENIZER=$WHEELS/tokenizer
 fi
 [[ -n $TOKENIZER ]] && TOKENIZER=$(cd "$TOKENIZER" 2>/dev/null && pwd || echo "$TOKENIZER")
+if ((!DRY)) && [[ ! -f $TOKENIZER/tokenizer.json ]]; then # the dry run reports it among its checks
+	echo "gpu_check.sh: no tokenizer.json in '${TOKENIZER}': pass --wheels DIR (gpu_wheels.sh puts one" \
+		"in DIR/tokenizer) or --tokenizer DIR" >&2
+	exit 2
+fi
 if [[ $DEVICE == cpu ]]; then DTYPE=float32; QLORA=(); else DTYPE=bfloat16; QLORA=(--qlora); fi
 
 if [[ -z $WORK ]]; then
@@ -147,6 +153,25 @@ for name in need:
         missing.append(f"{name} ({type(exc).__name__}: {exc})")
 if missing:
     sys.exit("missing: " + "; ".join(missing) + ". Build the wheels with scripts/gpu_wheels.sh, pass --wheels")
+# versions: pyproject.toml's requirements (an image's older package imports but may misbehave)
+import importlib.metadata as md
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+project = tomllib.loads(Path(sys.argv[2], "pyproject.toml").read_text())["project"]
+unmet = []
+for text in project["dependencies"] + (project["optional-dependencies"]["cuda"] if device == "cuda" else []):
+    req = Requirement(text)
+    try:
+        have = md.version(req.name)
+    except md.PackageNotFoundError:
+        have = None
+    if have is None or not req.specifier.contains(have, prereleases=True):
+        unmet.append(f"{req} (have {have})")
+if unmet:
+    sys.exit("unmet: " + "; ".join(unmet) + ". Carry them: scripts/gpu_wheels.sh --force NAME,...")
 print(f"KEY torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if device == "cuda" else ", cpu"))
 PYEOF
 
@@ -344,7 +369,7 @@ key() { ((DRY)) || KEY[$1]=$("$PY" "$WORK/helpers/keys.py" "${@:2}"); }
 # ---------------------------------------------------------------- the commands
 SETUP_INSTALL=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
 	--target "$SITE")
-SETUP_CHECK=("$PY" "$WORK/helpers/setup_check.py" "$DEVICE")
+SETUP_CHECK=("$PY" "$WORK/helpers/setup_check.py" "$DEVICE" "$REPO")
 BASE_CMD=("$PY" "$REPO/benchmarks/random_base.py" --shape "$SHAPE" --name "$SHAPE-random"
 	--dtype "$DTYPE" --tokenizer "$TOKENIZER")
 # shellcheck disable=SC2206  # ENGINE_ARGS is a word list by design
@@ -403,7 +428,7 @@ wheels_ok() {
 		echo "no bitsandbytes wheel in $WHEELS (the GPU image lacks it)"
 		return 1
 	fi
-	ls "$WHEELS"/*.whl | wc -l
+	find "$WHEELS" -maxdepth 1 -name '*.whl' | wc -l
 }
 dry_checks() {
 	serve_cmd "$ADAPTER_REF,$BENCH_A"
@@ -415,6 +440,7 @@ dry_checks() {
 	check "wheels: ${WHEELS:-none}" wheels_ok
 	check "tokenizer: ${TOKENIZER:-none}" tokenizer_ok
 	check "helper snippets compile" "$PY" -m py_compile "$WORK"/helpers/*.py
+	check "setup_check.py passes here (as on cpu: no bitsandbytes)" "$PY" "$WORK/helpers/setup_check.py" cpu "$REPO"
 	check "random_base.py flags" flags_exist "$PY" "$REPO/benchmarks/random_base.py" --help -- "${BASE_CMD[@]}"
 	check "engine.py flags" flags_exist "$PY" "$REPO/benchmarks/engine.py" --help -- "${ENGINE_CMD[@]}"
 	check "loom train flags" flags_exist "$PY" -m loom train --help -- "${TRAIN_CMD[@]}"
@@ -432,12 +458,12 @@ echo "           work $WORK, store $LOOM_STORE, wheels ${WHEELS:-none}, tokenize
 {
 	echo "set -e"
 	[[ -n $WHEELS ]] && echo "$(show "${SETUP_INSTALL[@]}") $(printf '%q' "$WHEELS")/*.whl"
+	echo "$(show "$PY") -m pip check | head -n 20 || true  # for the log: what else disagrees"
 	show "${SETUP_CHECK[@]}"
 	echo
 } >"$WORK/helpers/setup.sh"
-run_step setup bash "$WORK/helpers/setup.sh"
+run_step setup bash "$WORK/helpers/setup.sh" && key setup log "$WORK/logs/setup.log" '^KEY (.*)$'
 ((DRY)) && sed 's/^/   | /' "$WORK/helpers/setup.sh"
-key setup log "$WORK/logs/setup.log" '^KEY (.*)$'
 
 if [[ ${STATUS[setup]} == ok || $DRY == 1 ]]; then
 	run_step random-base "${BASE_CMD[@]}" && key random-base log "$WORK/logs/random-base.log" '^(.*parameters.*?), importing'
@@ -472,6 +498,10 @@ table | tee "$WORK/table.txt"
 if [[ -n $OUT_DIR ]]; then
 	mkdir -p "$OUT_DIR"
 	cp "$WORK/table.txt" "$OUT_DIR/gpu_check.txt"
+	for s in "${STEPS[@]}"; do printf '%s\t%s\t%s\t%s\n' "$s" "${STATUS[$s]:-not run}" "${SECS[$s]:-0}" "${KEY[$s]:-}"; done |
+		"$PY" -c 'import json, sys
+rows = [dict(zip(("step", "status", "seconds", "key"), line.rstrip("\n").split("\t"))) for line in sys.stdin]
+print(json.dumps({"steps": rows, "argv": sys.argv[1:]}, indent=1))' "$DEVICE" "$DTYPE" "$SHAPE" >"$OUT_DIR/gpu_check.json"
 	[[ -f $WORK/engine.json ]] && cp "$WORK/engine.json" "$OUT_DIR/engine.json"
 	for s in "${STEPS[@]}"; do # 16 MiB a file comes back; a log's end is what matters
 		[[ -f $WORK/logs/$s.log ]] && tail -c 4000000 "$WORK/logs/$s.log" >"$OUT_DIR/$s.log"

@@ -95,9 +95,13 @@ closure() {
 import importlib.metadata as md
 import os
 import re
-import tomllib
 
 from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
