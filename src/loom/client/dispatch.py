@@ -27,7 +27,7 @@ from loom.client.errors import (
 )
 
 # Loom's 503 codes for a server that cannot take work yet (or any more): the request did not run.
-NOT_READY = frozenset({"loading", "draining", "failed", "agent_unavailable"})
+NOT_READY = frozenset({"loading", "draining", "restarting", "failed", "agent_unavailable"})
 # The request never reached a server whole: it cannot have run anywhere.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteError, httpx.WriteTimeout)
 UNSAFE_HINT = (

@@ -242,8 +242,20 @@ class Service:
             detail = completion.error or "engine error"
             if completion.error_kind == "adapter":
                 raise APIError(400, detail, code="adapter_load_failed", param="model")
+            if completion.error_kind == "input":  # the backend refused the request itself (vLLM's 4xx)
+                raise APIError(400, detail)
             if self.status == "draining":
-                raise APIError(503, "the server is shutting down; retry on another replica", "server_error")
+                raise APIError(
+                    503, "the server is shutting down; retry on another replica", "server_error", "draining"
+                )
+            if self.status == "restarting":  # the vLLM backend died under this request
+                raise APIError(
+                    503,
+                    f"the serving backend is restarting ({self.error}); retry shortly",
+                    "server_error",
+                    "restarting",
+                    headers={"Retry-After": "5"},
+                )
             # the server's fault: the client gets a request id, the log gets the engine's text
             if completion.error_kind == "adapter_store":
                 raise server_error(
