@@ -173,21 +173,7 @@ class Engine:
 
     # ------------------------------------------------------------- requests
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """Prompt ids: text as is, chat messages through the base's chat template."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        elif prompt and isinstance(prompt[0], dict):
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = list(prompt)
-            vocab = self.runner.vocab_size
-            bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < vocab), None)
-            if bad is not None:  # an out-of-range id would fail the whole batch in the embedding lookup
-                raise LoomError(f"token id {bad} is outside the vocabulary (0..{vocab - 1}); send valid ids")
-        if not ids:
-            raise LoomError("empty prompt: give some text, chat messages or token ids")
-        return [int(i) for i in ids]
+        return tokenize_prompt(self.tokenizer, prompt, self.runner.vocab_size)
 
     def submit(
         self,
@@ -409,6 +395,24 @@ class Engine:
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+def tokenize_prompt(tokenizer: Any, prompt: Prompt, vocab_size: int) -> list[int]:
+    """Prompt ids: text as is, chat messages through the base's chat template, ids checked.
+    Every backend tokenizes here, so a prompt is the same tokens whichever engine answers."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    elif prompt and isinstance(prompt[0], dict):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = list(prompt)
+        bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < vocab_size), None)
+        if bad is not None:  # an out-of-range id would fail the whole batch in the embedding lookup
+            raise LoomError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}); send valid ids")
+    if not ids:
+        raise LoomError("empty prompt: give some text, chat messages or token ids")
+    return [int(i) for i in ids]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from loom.engine.engine import EngineConfig, Prompt
+from loom.engine.engine import EngineConfig, Prompt, tokenize_prompt
 from loom.engine.resolver import AdapterResolver, ResolvedAdapter
 from loom.engine.types import Completion, LogitsProcessor, SamplingParams, StreamChunk
 from loom.errors import LoomError
@@ -45,6 +45,7 @@ class VLLMEngine:
         store: Store | None,
         base_ref: str,
         base_fingerprint: str | None,
+        vocab_size: int | None = None,
     ) -> None:
         self.supervisor, self.tokenizer, self.config = supervisor, tokenizer, config
         self.store, self.base_ref, self.base_fingerprint = store, base_ref, base_fingerprint
@@ -63,7 +64,8 @@ class VLLMEngine:
         self._aclients: dict[int, httpx.AsyncClient] = {}
         supervisor.on_restarted = self.reload_all
         self.scraper = Scraper(supervisor.url)
-        self.vocab_size = len(tokenizer)
+        # the model's (embedding rows), which may exceed the tokenizer's own count
+        self.vocab_size = vocab_size or len(tokenizer)
 
     def start(self, preload: list[str]) -> None:
         """Resolve ``preload`` through the store, start vLLM with them as --lora-modules (under
@@ -77,22 +79,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------- prompts
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """The same ids Loom's engine would run: text as is, messages through the chat template."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        elif prompt and isinstance(prompt[0], dict):
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = list(prompt)
-            bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < self.vocab_size), None)
-            if bad is not None:
-                raise LoomError(
-                    f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1}); send valid ids"
-                )
-        if not ids:
-            raise LoomError("empty prompt: give some text, chat messages or token ids")
-        return [int(i) for i in ids]
+        return tokenize_prompt(self.tokenizer, prompt, self.vocab_size)
 
     def _checked(self, prompt: Prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
         params = params or SamplingParams()

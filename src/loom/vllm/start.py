@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,15 @@ def start_engine(
     fingerprint = base.manifest.base.fingerprint if base is not None and base.manifest.base else None
     config = plan.engine_config()
     config.alias_refresh_s = alias_refresh_s
+    vocab = json.loads((base_dir / "config.json").read_text()).get("vocab_size")
     engine = VLLMEngine(
-        supervisor, tokenizer, config, store=store, base_ref=loaded.base_ref, base_fingerprint=fingerprint
+        supervisor,
+        tokenizer,
+        config,
+        store=store,
+        base_ref=loaded.base_ref,
+        base_fingerprint=fingerprint,
+        vocab_size=vocab,
     )
     engine.start(preload)
     return engine
