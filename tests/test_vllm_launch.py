@@ -128,3 +128,5 @@ def test_dry_run_prints_the_vllm_command(engine_store: Store) -> None:
     assert "--lora-modules qv4@v1=" in out["vllm_command"] and "--enable-lora" in out["vllm_command"]
     bad = CliRunner().invoke(app, ["serve", "--backend", "tgi", "--dry-run"])
     assert bad.exit_code != 0 and "give loom or vllm" in bad.output
+    missing = CliRunner().invoke(app, ["serve", "--backend", "vllm", "--vllm-python", "/nonexistent/python"])
+    assert missing.exit_code != 0 and "make vllm" in missing.output  # before anything starts

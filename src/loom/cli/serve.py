@@ -137,6 +137,10 @@ def serve(
     if backend == "vllm" and stub:
         raise LoomError("--stub runs a tiny random model in this process; drop it with --backend vllm")
     opts = VLLMOptions(vllm_python, vllm_port, tensor_parallel_size, list(vllm_arg or []), vllm_log)
+    if backend == "vllm" and not dry_run:
+        from loom.vllm.launch import check_python
+
+        opts.python = check_python(vllm_python)  # a missing environment stops here, with the fix
     cfg = ServeConfig(
         base=base,
         host=host,
