@@ -56,8 +56,8 @@ def create_app(cfg: ServeConfig, store: Store | None = None, engine: ServingEngi
         yield
         # uvicorn has stopped accepting and waited for running requests: now stop the engine.
         service.status = "draining"
-        if service.engine is not None and engine is None:
-            service.engine.shutdown()
+        if service.engine is not None and engine is None:  # off the loop: vLLM takes seconds to stop
+            await asyncio.to_thread(service.engine.shutdown)
         if service.leases is not None:
             service.leases.close()
         if app.state.request_log is not None:  # writes what is still queued

@@ -248,10 +248,11 @@ class Service:
                 raise APIError(
                     503, "the server is shutting down; retry on another replica", "server_error", "draining"
                 )
-            if self.status == "restarting":  # the vLLM backend died under this request
+            if self.status == "restarting" or completion.error_kind == "backend_unavailable":
+                # the vLLM backend died under this request (its supervisor restarts it)
                 raise APIError(
                     503,
-                    f"the serving backend is restarting ({self.error}); retry shortly",
+                    f"the serving backend is restarting ({self.error or detail}); retry shortly",
                     "server_error",
                     "restarting",
                     headers={"Retry-After": "5"},

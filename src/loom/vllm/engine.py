@@ -16,6 +16,8 @@ import itertools
 import logging
 import threading
 import time
+import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -60,10 +62,18 @@ class VLLMEngine:
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self.http = httpx.Client(base_url=supervisor.url, timeout=httpx.Timeout(ADMIN_TIMEOUT_S, connect=5.0))
-        self._aclients: dict[int, httpx.AsyncClient] = {}
+        self.http = httpx.Client(
+            base_url=supervisor.url,
+            timeout=httpx.Timeout(ADMIN_TIMEOUT_S, connect=5.0),
+            headers=supervisor.auth,
+        )
+        # weak: a loop that is gone takes its client with it, and a new loop never reuses it
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.in_flight: Counter[str] = Counter()  # requests per adapter key (unload waits for 0)
         supervisor.on_restarted = self.reload_all
-        self.scraper = Scraper(supervisor.url)
+        self.scraper = Scraper(supervisor.url, supervisor.auth)
         # the model's (embedding rows), which may exceed the tokenizer's own count
         self.vocab_size = vocab_size or len(tokenizer)
 
@@ -114,22 +124,23 @@ class VLLMEngine:
         if isinstance(key, Completion):  # the adapter could not be loaded: this request only
             yield StreamChunk(key.request_id, "", [], finished=True, completion=key)
             return
-        tally = Tally(f"vllm-{next(self._ids)}", len(ids), key, time.monotonic())
-        body = completion_body(key or self.base_ref, ids, params, _guided(logits_processor), stream=True)
         try:
+            tally = Tally(f"vllm-{next(self._ids)}", len(ids), key, time.monotonic())
+            body = completion_body(key or self.base_ref, ids, params, _guided(logits_processor), stream=True)
             async with self._aclient().stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
                     done = tally.completion(*error_of(response))
                 else:
                     async for event in asse_events(response.aiter_lines()):
-                        for choice in event.get("choices") or []:
-                            chunk = tally.add(choice)
+                        for chunk in tally.add_event(event):
                             if chunk.text or chunk.token_ids:
                                 yield chunk
                     done = tally.completion()
         except httpx.HTTPError as exc:
-            done = tally.completion(f"vLLM did not answer ({type(exc).__name__}: {exc})", "engine")
+            done = tally.completion(*_unreachable(exc))
+        finally:
+            self._release(key)
         yield StreamChunk(tally.request_id, "", [], finished=True, completion=done)
 
     def complete(
@@ -146,13 +157,16 @@ class VLLMEngine:
         key = self._ready_sync(adapter)
         if isinstance(key, Completion):
             return key
-        tally = Tally(f"vllm-{next(self._ids)}", len(ids), key, time.monotonic())
-        body = completion_body(key or self.base_ref, ids, params, _guided(logits_processor), stream=False)
         try:
+            tally = Tally(f"vllm-{next(self._ids)}", len(ids), key, time.monotonic())
+            body = completion_body(key or self.base_ref, ids, params, _guided(logits_processor), stream=False)
             response = self.http.post("/v1/completions", json=body, timeout=timeout or ADMIN_TIMEOUT_S)
         except httpx.HTTPError as exc:
-            kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "engine"
-            return tally.completion(f"vLLM did not answer ({type(exc).__name__}: {exc})", kind)
+            if isinstance(exc, httpx.ReadTimeout):
+                return tally.completion(f"vLLM did not finish within {timeout} s", "timeout")
+            return tally.completion(*_unreachable(exc))
+        finally:
+            self._release(key)
         if response.status_code != 200:
             return tally.completion(*error_of(response))
         for choice in response.json().get("choices") or []:
@@ -164,13 +178,13 @@ class VLLMEngine:
 
     def _aclient(self) -> httpx.AsyncClient:
         """One pooled client per event loop (a client is bound to the loop that made it)."""
-        loop = id(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         client = self._aclients.get(loop)
         if client is None:
             timeout = httpx.Timeout(None, connect=5.0)  # the server's request timeout governs
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
             client = self._aclients[loop] = httpx.AsyncClient(
-                base_url=self.supervisor.url, timeout=timeout, limits=limits
+                base_url=self.supervisor.url, timeout=timeout, limits=limits, headers=self.supervisor.auth
             )
         return client
 
@@ -180,18 +194,30 @@ class VLLMEngine:
             return None
         resolved = await self.aresolve_adapter(adapter)
         if resolved.key in self.loaded:
-            return resolved.key
+            return self._hold(resolved.key)
         return await asyncio.to_thread(self._load_or_error, resolved)
 
     def _ready_sync(self, adapter: str | None) -> str | Completion | None:
         if adapter is None:
             return None
         resolved = self.resolve_adapter(adapter)
-        return resolved.key if resolved.key in self.loaded else self._load_or_error(resolved)
+        return self._hold(resolved.key) if resolved.key in self.loaded else self._load_or_error(resolved)
+
+    def _hold(self, key: str) -> str:
+        with self._lock:
+            self.in_flight[key] += 1
+        return key
+
+    def _release(self, key: str | None) -> None:
+        if key is not None:
+            with self._lock:
+                self.in_flight[key] -= 1
+                if self.in_flight[key] <= 0:
+                    del self.in_flight[key]
 
     def _load_or_error(self, resolved: ResolvedAdapter) -> str | Completion:
         try:
-            return self.ensure_loaded(resolved)
+            return self._hold(self.ensure_loaded(resolved))
         except LoomError as exc:
             tally = Tally(f"vllm-{next(self._ids)}", 0, resolved.key, time.monotonic())
             return tally.completion(str(exc), "adapter")
@@ -251,10 +277,19 @@ class VLLMEngine:
         (self.pinned.add if pinned else self.pinned.discard)(key)
 
     def unload_adapter(self, ref: str) -> bool:
+        """As Loom's engine: refused while requests run on it (they would fail in vLLM)."""
         key = self.resolve_adapter(ref).key if "@" in ref or "/" in ref else self.resolver.routed(ref) or ref
         if key not in self.loaded:
             return False
-        response = self.http.post("/v1/unload_lora_adapter", json={"lora_name": key})
+        with self._lock:
+            if self.in_flight.get(key):
+                raise LoomError(
+                    f"adapter {key} has {self.in_flight[key]} requests running; unload it when they finish"
+                )
+        try:
+            response = self.http.post("/v1/unload_lora_adapter", json={"lora_name": key})
+        except httpx.HTTPError as exc:
+            raise LoomError(f"adapter {key}: vLLM did not answer the unload ({exc})") from None
         if response.status_code != 200:
             raise LoomError(f"adapter {key}: vLLM refused to unload it: {error_of(response)[0]}")
         self.loaded.pop(key, None)
@@ -270,7 +305,13 @@ class VLLMEngine:
         return key
 
     def versions_in_use(self) -> set[str]:
-        return {k for k in set(self.loaded) | self.resolver.in_use() if not k.startswith("path:")}
+        """Leased in the store: routed to, resolved lately, pinned or running. A superseded
+        version stays registered in vLLM (its weights fall out of vLLM's LRU) but is not held
+        against gc."""
+        with self._lock:
+            running = set(self.in_flight)
+        held = self.resolver.in_use() | self.pinned | running
+        return {k for k in held if not k.startswith("path:")}
 
     def cancel(self, request_id: str) -> None:
         """Closing a stream aborts it in vLLM; there is nothing to cancel by id."""
@@ -288,6 +329,7 @@ class VLLMEngine:
             },
             "queue_depth": int(gauges.get("vllm:num_requests_waiting", 0)),
             "batch_size": int(gauges.get("vllm:num_requests_running", 0)),
+            # vLLM does not expose these; metrics.py reads every key, so they are zeros
             "prefilling_tokens_left": 0,
             "steps": 0,
             "tokens_generated": int(gauges.get("vllm:generation_tokens_total", 0)),
@@ -310,6 +352,11 @@ class VLLMEngine:
         self.scraper.stop()
         self.supervisor.stop()
         self.http.close()
+
+
+def _unreachable(exc: httpx.HTTPError) -> tuple[str, str]:
+    """vLLM gone (killed, restarting): the server answers 503 with Retry-After, never a 500."""
+    return f"vLLM did not answer ({type(exc).__name__}: {exc}); it may be restarting", "backend_unavailable"
 
 
 def _guided(processor: LogitsProcessor | None) -> GuidedDecoding | None:

@@ -58,6 +58,9 @@ class VLLMLaunch:
     lora_modules: dict[str, Path] = field(default_factory=dict)  # vLLM name -> adapter folder
     extra_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
+    # vLLM's own bearer key (VLLM_API_KEY, in the environment: argv is visible to `ps`). Without
+    # it any local process could load adapters from any path or generate past Loom's auth.
+    api_key: str | None = None
 
     def command(self, parent_pid: int | None = None) -> list[str]:
         """vLLM's OpenAI server as a module (not the `vllm` script: the CPU build's distribution
@@ -107,6 +110,8 @@ class VLLMLaunch:
             HF_HUB_OFFLINE="1",  # the base comes from the store; vLLM must never reach for the hub
             TRANSFORMERS_OFFLINE="1",
         )
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key
         if self.device == "cpu":
             env["VLLM_TARGET_DEVICE"] = "cpu"
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)

@@ -20,8 +20,8 @@ RELABELLED = "loom_vllm_"
 
 
 class Scraper:
-    def __init__(self, url: str, interval_s: float = 2.0) -> None:
-        self.url, self.interval_s = url, interval_s
+    def __init__(self, url: str, headers: dict[str, str] | None = None, interval_s: float = 2.0) -> None:
+        self.url, self.headers, self.interval_s = url, headers or {}, interval_s
         self.families: list[Metric] = []
         self.values: dict[str, float] = {}  # sample name -> value summed over labels
         self.failures = 0
@@ -36,9 +36,10 @@ class Scraper:
 
     def scrape(self) -> None:
         try:
-            text = httpx.get(f"{self.url}/metrics", timeout=5.0).text
+            text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=5.0).text
         except httpx.HTTPError:
-            self.failures += 1  # vLLM restarting: keep the last scrape
+            self.failures += 1  # vLLM restarting: its series vanish rather than go stale
+            self.families, self.values = [], {}
             return
         families = [relabel(f) for f in text_string_to_metric_families(text) if f.name.startswith(PREFIX)]
         values: dict[str, float] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,19 @@ class Tally:
     def __post_init__(self) -> None:
         self.token_ids: list[int] = []
         self.token_times: list[float] = []
+        self.error: str | None = None
+        self.error_kind: str | None = None
+
+    def add_event(self, event: dict[str, Any]) -> list[StreamChunk]:
+        """One SSE event's chunks; an error event (vLLM fails a stream mid-way as
+        ``data: {"error": ...}``) ends the tally with that error."""
+        if "error" in event:
+            error = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
+            code = int(error.get("code") or 500)
+            self.error = f"vLLM failed the stream ({code}): {error.get('message')}"
+            self.error_kind = "input" if 400 <= code < 500 else "engine"
+            return []
+        return [self.add(choice) for choice in event.get("choices") or []]
 
     def add(self, choice: dict[str, Any]) -> StreamChunk:
         now = time.monotonic()
@@ -99,6 +112,9 @@ class Tally:
         return StreamChunk(self.request_id, piece, new_ids)
 
     def completion(self, error: str | None = None, error_kind: str | None = None) -> Completion:
+        error, error_kind = error or self.error, error_kind or self.error_kind
+        if error is None and self.finish is None:  # the stream ended without saying how
+            error, error_kind = "vLLM ended the stream without a finish reason", "engine"
         reason: FinishReason = "error" if error else ("length" if self.finish == "length" else "stop")
         if self.finish == "abort" and not error:
             reason = "cancelled"
@@ -127,13 +143,19 @@ def error_of(response: httpx.Response) -> tuple[str, str]:
     return f"vLLM answered {response.status_code}: {message}", kind
 
 
-def sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    for line in lines:
-        if line.startswith("data: ") and line != "data: [DONE]":
-            yield json.loads(line.removeprefix("data: "))
+def sse_event(line: str) -> dict[str, Any] | None:
+    """One ``data:`` line's JSON; a line that is not JSON is reported as an error event."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    try:
+        event = json.loads(line.removeprefix("data: "))
+    except json.JSONDecodeError:
+        return {"error": {"message": f"unreadable event {line[:200]!r}", "code": 502}}
+    return event if isinstance(event, dict) else {"error": {"message": "event is not an object", "code": 502}}
 
 
 async def asse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
     async for line in lines:
-        if line.startswith("data: ") and line != "data: [DONE]":
-            yield json.loads(line.removeprefix("data: "))
+        event = sse_event(line)
+        if event is not None:
+            yield event

@@ -25,9 +25,9 @@ def launch_for(plan: ServePlan, base_dir: Path, opts: VLLMOptions, python: str) 
         dtype=vllm_dtype(plan.dtype),
         max_model_len=plan.max_seq_len,
         max_num_seqs=plan.max_batch_size,
-        max_loras=min(plan.adapter_slots, plan.max_batch_size),  # LoRAs in one batch
+        max_loras=max(1, min(plan.adapter_slots, plan.max_batch_size)),  # LoRAs in one batch (vLLM: >= 1)
         max_lora_rank=vllm_rank(plan.max_rank),
-        max_cpu_loras=max(plan.adapter_slots, 1),  # vLLM's cache of loaded adapters
+        max_cpu_loras=max(1, plan.adapter_slots),  # vLLM's cache of loaded adapters
         kv_cache_gib=kv_cache_gib(plan.kv_cache_mb),
         device="cpu" if plan.device.startswith("cpu") else "cuda",
         tensor_parallel_size=opts.tensor_parallel_size,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import threading
@@ -26,6 +27,7 @@ log = logging.getLogger("loom.vllm")
 
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0)
 STOP_GRACE_S = 20.0
+HEALTHY_RESET_S = 300.0
 LOG_TAIL_BYTES = 4000
 
 
@@ -44,10 +46,15 @@ class Supervisor:
         self.on_state = on_state or (lambda state, detail: None)
         self.on_restarted = on_restarted or (lambda: None)
         self.url = f"http://{launch.host}:{launch.port}"
+        launch.api_key = launch.api_key or secrets.token_urlsafe(24)
+        self.auth = {"Authorization": f"Bearer {launch.api_key}"}  # what Loom's clients send vLLM
         self.proc: subprocess.Popen[bytes] | None = None
         self.state = "starting"
-        self.restarts = 0
+        self.restarts = 0  # in all
+        self.failures = 0  # in a row: the backoff's step, reset after HEALTHY_RESET_S up
+        self.up_since = 0.0
         self._stopping = threading.Event()
+        self._spawn_lock = threading.Lock()  # a spawn and stop() never interleave
         self._watcher: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -55,30 +62,33 @@ class Supervisor:
         """Start vLLM and block until it answers /health (or fail with its log's tail)."""
         self._spawn()
         self._wait_ready()
+        self.up_since = time.monotonic()
         self._set("ok", None)
         self._watcher = threading.Thread(target=self._watch, name="loom-vllm-watch", daemon=True)
         self._watcher.start()
 
     def _spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = self.log_path.open("ab")
-        out.write(f"\n=== loom: starting vLLM: {self.launch.shell()}\n".encode())
-        out.flush()
-        self.proc = subprocess.Popen(
-            self.launch.command(parent_pid=os.getpid()),
-            env=self.launch.env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: stop() signals vLLM's workers too
-        )
-        out.close()  # the child holds its own descriptor
+        with self._spawn_lock, self.log_path.open("ab") as out:  # the child keeps its own descriptor
+            if self._stopping.is_set():
+                raise LoomError("the server is shutting down; vLLM is not started again")
+            out.write(f"\n=== loom: starting vLLM: {self.launch.shell()}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                self.launch.command(parent_pid=os.getpid()),
+                env=self.launch.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stop() signals vLLM's workers too
+            )
         log.info("vLLM starting (pid %d), log: %s", self.proc.pid, self.log_path)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._stopping.is_set():
+                self._kill_group()
                 raise LoomError("the server is shutting down; vLLM's start was abandoned")
             if self.proc is None or self.proc.poll() is not None:
                 code = self.proc.returncode if self.proc else None
@@ -110,7 +120,10 @@ class Supervisor:
             if self._stopping.is_set():
                 return
             code = proc.returncode if proc is not None else None
-            pause = BACKOFF_S[min(self.restarts, len(BACKOFF_S) - 1)]
+            if time.monotonic() - self.up_since > HEALTHY_RESET_S:
+                self.failures = 0  # a crash after a long healthy run starts the backoff afresh
+            pause = BACKOFF_S[min(self.failures, len(BACKOFF_S) - 1)]
+            self.failures += 1
             self._set("restarting", f"vLLM exited (code {code}); restarting in {pause:.0f} s")
             log.error(
                 "vLLM exited (code %s); restarting in %.0f s. Log tail:\n%s", code, pause, self.log_tail()
@@ -125,6 +138,7 @@ class Supervisor:
             except Exception as exc:
                 self._set("restarting", f"vLLM restart {self.restarts} failed: {exc}")
                 continue
+            self.up_since = time.monotonic()
             self._set("ok", None)
 
     def _set(self, state: str, detail: str | None) -> None:
@@ -132,22 +146,23 @@ class Supervisor:
         self.on_state(state, detail)
 
     def stop(self) -> None:
-        """SIGTERM to vLLM's process group, SIGKILL after a grace period."""
+        """SIGTERM to vLLM's process group, SIGKILL after a grace period. The watcher is
+        stopped first, so no restart can start a vLLM after this looked."""
         self._stopping.set()
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            log.warning("vLLM did not stop within %.0f s of SIGTERM; killing it", STOP_GRACE_S)
-        self._kill_group()
         if self._watcher is not None:
-            self._watcher.join(timeout=5)
+            self._watcher.join(timeout=STOP_GRACE_S + 15)  # a start under way kills its own child
+        with self._spawn_lock:
+            proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.warning("vLLM did not stop within %.0f s of SIGTERM; killing it", STOP_GRACE_S)
+        self._kill_group()  # whatever of its group is left, even when its server already exited
 
     def _kill_group(self) -> None:
         """SIGKILL whatever is left in the group (vLLM's engine-core and workers included)."""
