@@ -157,8 +157,12 @@ def repl(state: ChatState) -> None:
         if not line:
             continue
         if line.startswith("/") and not line.startswith("//"):
-            if not run_command(state, line):
-                return
+            try:
+                if not run_command(state, line):
+                    return
+            except KeyboardInterrupt:  # a command waiting on the server: back to the prompt
+                console.print()
+                note("(stopped)")
             continue
         send(state, line[1:] if line.startswith("//") else line)
 
