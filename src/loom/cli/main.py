@@ -19,6 +19,7 @@ from loom.cli import promote as promote_cli
 from loom.cli import retrain as retrain_cli
 from loom.cli import sources as sources_cli
 from loom.cli import store as store_cli
+from loom.cli.chat import chat
 from loom.cli.doctor import doctor
 from loom.cli.evals import eval_command
 from loom.cli.output import err_console
@@ -54,6 +55,7 @@ app.command("train")(train)
 app.command("trace")(trace)
 app.command("doctor")(doctor)
 app.command("serve")(serve)
+app.command("chat")(chat)
 app.add_typer(bench_cli.app, name="bench")
 app.add_typer(agents_cli.app, name="agents")
 app.command("eval")(eval_command)

@@ -92,7 +92,8 @@ class CompletionArgs(CallOptions, total=False):
 
 class ChatArgs(CallOptions, total=False):
     session_id: str  # from an earlier reply: continue that conversation
-    context: str
+    context: str  # this turn only
+    context_files: list[dict[str, str]]  # [{"name", "text"}], sent by value; only when a session starts
     agent: str
     adapter: str
     max_tokens: int
@@ -206,13 +207,27 @@ def import_conversation(conv: Conversation | dict[str, Any], **kw: Unpack[CallOp
     """``POST /conversation/import`` with ``{"session_id", "messages"}`` (an export, e.g. from
     another server); the answer names the session to continue with ``chat(session_id=...)``."""
     _, opts = _split(dict(kw))
-    data = conv.model_dump(include={"session_id", "messages"}) if isinstance(conv, Conversation) else conv
+    data = _document(conv.model_dump(mode="json")) if isinstance(conv, Conversation) else conv
 
     def parse(reply: Reply) -> Conversation:
-        fields = {"messages": data.get("messages", []), **reply.body, "endpoint": reply.endpoint}
-        return Conversation.model_validate(fields)
+        body = dict(reply.body)
+        sent, kept = list(data.get("messages", [])), body.pop("messages", None)
+        if isinstance(kept, int):  # the server answers how many it kept: the newest ones
+            sent = sent[len(sent) - kept :] if kept else []
+        return Conversation.model_validate({**data, **body, "messages": sent, "endpoint": reply.endpoint})
 
     return Call("POST", "/conversation/import", parse, json=data, **opts)
+
+
+def _document(conv: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a ``loom.conversation`` document in an export (or a GET /conversation, whose
+    ``context_files`` are names only and so are left out): the server refuses any others."""
+    fields = ("format", "version", "session_id", "model", "created", "updated", "messages")
+    doc = {k: conv[k] for k in fields if conv.get(k) is not None}
+    files = conv.get("context_files") or []
+    if all(isinstance(f, dict) for f in files):
+        doc["context_files"] = files
+    return doc
 
 
 # ----------------------------------------------------------------- models, health, info

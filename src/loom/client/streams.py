@@ -25,6 +25,7 @@ class Decoder(Generic[R]):
 
     def __init__(self, endpoint: str, headers: httpx.Headers) -> None:
         self.endpoint = endpoint
+        self.session_id: str | None = None  # /chat/stream: known from the first event on
         self.stamp = {
             "endpoint": endpoint,
             "model_version": headers.get(MODEL_VERSION_HEADER),
@@ -63,6 +64,7 @@ class ChatDecoder(Decoder[ChatReply]):
     """``/chat/stream``: ``{"session_id", "delta"}`` events, then one with ``done: true``."""
 
     def event(self, event: dict[str, Any]) -> str | None:
+        self.session_id = event.get("session_id") or self.session_id
         if event.get("done"):
             self.result = ChatReply.model_validate({**event, **{k: v for k, v in self.stamp.items() if v}})
             return None
