@@ -45,9 +45,10 @@ MAX_WEIGHT_ELEMENTS = 16 * 2**20
 # Below this many projection weights per decode step (16 MiB in fp32, mostly in cache) the
 # dtype hardly changes a step, which call overheads dominate: fp32 (exact), not measured.
 MIN_MEASURED_ELEMENTS = 4 * 2**20
-# A 1M-element add takes ~0.3 ms on 2 idle cores. When other processes hold the cores, each
-# parallel region waits for its threads to be scheduled (we saw ~8 ms per product, whatever
-# its size): the times then count regions, not arithmetic, and are neither used nor cached.
+# A 256K-element add (1 MiB operands, in cache, split across torch's threads) takes tens of
+# microseconds. When other processes hold the cores, every parallel region waits for its
+# threads to be scheduled (we saw ~8 ms per product, whatever its size): the times then count
+# regions, not arithmetic, and are neither used nor cached.
 BUSY_MS = 2.0
 ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -72,7 +73,7 @@ class Measurement:
     step_ms: dict[str, dict[str, float]]  # {"fp32": {"1": ms, "32": ms}, "bf16": {...}}
     seconds: float  # what measuring took
     measured_at: float  # unix time
-    busy_ms: float = 0.0  # the fastest of a few 1M-element adds (``parallel_overhead_ms``)
+    busy_ms: float = 0.0  # the slowest fastest-of-5 256K-element add (``parallel_overhead_ms``)
 
     @property
     def reliable(self) -> bool:
@@ -153,8 +154,8 @@ def _best_times(shape: ProjShape, rows: Sequence[int], reps: int) -> dict[str, d
 
 
 def parallel_overhead_ms(reps: int = 5) -> float:
-    """The fastest of ``reps`` multi-threaded 1M-element adds, in ms (see BUSY_MS)."""
-    a, b = torch.ones(1 << 20), torch.ones(1 << 20)
+    """The fastest of ``reps`` multi-threaded 256K-element adds, in ms (see BUSY_MS)."""
+    a, b = torch.ones(1 << 18), torch.ones(1 << 18)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -168,13 +169,14 @@ def measure_projections(
 ) -> Measurement:
     """Time a decode step's projections in fp32 and bf16 (see the module docstring)."""
     start = time.perf_counter()
-    busy = parallel_overhead_ms()
+    busy = 0.0
     step: dict[str, dict[str, float]] = {name: {str(r): 0.0 for r in rows} for name in NAMES.values()}
     for shape in shapes:
+        busy = max(busy, parallel_overhead_ms())  # busy during any shape: not trusted
         for name, per_rows in _best_times(shape, rows, reps).items():
             for r, seconds in per_rows.items():
                 step[name][r] += seconds * shape.count * 1000
-    busy = max(busy, parallel_overhead_ms())  # busy at either end: not trusted
+    busy = max(busy, parallel_overhead_ms())
     return Measurement(step, time.perf_counter() - start, time.time(), busy)
 
 
@@ -319,7 +321,7 @@ def choose_cpu_dtype(
         return DtypeChoice(torch.float32, f"fp32: bf16 products failed on this CPU ({exc})")
     if not m.reliable:
         reason = (
-            f"fp32: the CPU was busy while measuring (a 1M-element add took {m.busy_ms:.1f} ms, over "
+            f"fp32: the CPU was busy while measuring (a 256K-element add took {m.busy_ms:.1f} ms, over "
             f"{BUSY_MS} ms), so the times say nothing about bf16; not cached, measured again at the next "
             "start. Pass --dtype bfloat16 to choose yourself"
         )
