@@ -40,15 +40,16 @@ SMOLLM2 = ArchitectureFacts(
 
 
 def fake(
-    bf16_speedup: float, busy_ms: float = 0.3
+    bf16_speedup: float, busy_ms: float = 0.3, one_row: float | None = None
 ) -> tuple[Callable[[Sequence[ProjShape]], Measurement], list[int]]:
-    """A measurement in which bf16 runs ``bf16_speedup`` times fp32's speed; and its call count."""
+    """A measurement in which bf16 runs ``bf16_speedup`` times fp32's speed (``one_row`` times
+    at 1 row, when given); and its call count."""
     calls: list[int] = []
 
     def measure(shapes: Sequence[ProjShape]) -> Measurement:
         calls.append(len(shapes))
         fp32 = {"1": 40.0, "32": 100.0}
-        bf16 = {r: ms / bf16_speedup for r, ms in fp32.items()}
+        bf16 = {"1": 40.0 / (one_row or bf16_speedup), "32": 100.0 / bf16_speedup}
         return Measurement({"fp32": fp32, "bf16": bf16}, 0.5, time.time(), busy_ms)
 
     return measure, calls
@@ -77,6 +78,12 @@ def test_a_fast_bf16_cpu_serves_bf16_and_a_slow_one_fp32(cache: Path) -> None:
     assert slow.dtype == torch.float32 and slow.reason.startswith("fp32: bf16 runs at 0.40x its speed")
     measure, _ = fake(1.05)  # faster, but not by enough to pay for bf16's rounding
     assert choose_cpu_dtype(SMOLLM2, cache.with_name("even.json"), measure).dtype == torch.float32
+    # AVX-512 without bf16 instructions, a 7B shape: the lone row (memory-bound) gains, the batch loses
+    measure, _ = fake(0.4, one_row=4.0)
+    mixed = choose_cpu_dtype(SMOLLM2, cache.with_name("mixed.json"), measure)
+    assert mixed.dtype == torch.float32 and "1.26x faster overall but 0.40x at 32 row(s)" in mixed.reason
+    measure, _ = fake(1.5, one_row=0.95)  # today's SmolLM2 on this CPU: even at 1 row, 1.5x at 32
+    assert choose_cpu_dtype(SMOLLM2, cache.with_name("smol.json"), measure).dtype == torch.bfloat16
 
 
 def test_the_cache_skips_the_measurement_and_is_keyed_by_shape(cache: Path) -> None:

@@ -38,6 +38,14 @@ ROWS = (1, 32)  # a lone decode stream and a full CPU batch
 REPS = 5
 # bf16 rounds weights and activations: take it only where it is clearly faster
 MIN_SPEEDUP = 1.1
+# ... and no row count may run slower than this in bf16: a server's throughput is its full
+# batch and its latency the lone stream, and neither is traded for the other beyond noise
+# (an AVX-512 CPU without bf16 instructions ran a 7B shape's lone row 4x faster in bf16,
+# memory-bound, but its 32 rows 2.5x slower).
+MIN_ROW_SPEEDUP = 0.9
+# After the warm-up and 2 reps, a shape stops repeating once this is spent (a 7B base on a
+# CPU whose bf16 is slow would take seconds otherwise).
+SHAPE_BUDGET_S = 0.4
 # Each shape is measured on at most this many weight elements (64 MiB in fp32: far past any
 # cache, so memory-bound behaviour is kept), its time scaled up to the full output width; a
 # 7B base's 4096x28672 gate/up would otherwise cost seconds to build and run.
@@ -142,8 +150,11 @@ def _best_times(shape: ProjShape, rows: Sequence[int], reps: int) -> dict[str, d
     del weight
     inputs = {(dt, r): torch.randn(r, shape.in_features).to(dt) for dt in dtypes for r in rows}
     times: dict[tuple[torch.dtype, int], list[float]] = {key: [] for key in inputs}
+    started = time.perf_counter()
     with torch.inference_mode():
         for rep in range(reps + 1):  # the first rep warms up (oneDNN primitive creation)
+            if rep > 2 and time.perf_counter() - started > SHAPE_BUDGET_S:
+                break
             for r in rows:
                 for dt in dtypes:
                     start = time.perf_counter()
@@ -205,6 +216,8 @@ def _cpu_facts() -> tuple[str, str]:
 
 def cache_facts(shapes: Sequence[ProjShape], rows: Sequence[int] = ROWS) -> dict[str, Any]:
     """What a cached measurement is valid for: this machine, this torch, these shapes."""
+    from loom.engine.linear import can_pack
+
     model, flags = _cpu_facts()
     return {
         "cpu": model,
@@ -214,6 +227,8 @@ def cache_facts(shapes: Sequence[ProjShape], rows: Sequence[int] = ROWS) -> dict
         # oneDNN's and ATen's ISA limits change the kernels without changing the flags
         "isa_limits": {k: os.environ.get(k) for k in ISA_LIMITS},
         "threads": torch.get_num_threads(),
+        # which dtypes the engine holds oneDNN-packed (a change to loom.engine.linear remeasures)
+        "packed": {name: can_pack(torch.empty(1, 1, dtype=dt)) for dt, name in NAMES.items()},
         "probe": PROBE_VERSION,
         "rows": list(rows),
         "shapes": [asdict(s) for s in shapes],
@@ -281,6 +296,23 @@ def cached_measurement(
     return found, path, False
 
 
+def verdict(m: Measurement) -> tuple[torch.dtype, str]:
+    """bf16 when it is MIN_SPEEDUP faster overall and no row count is slower than MIN_ROW_SPEEDUP."""
+    speedup, per_rows = m.speedup(), m.speedups()
+    worst = min(per_rows, key=lambda r: per_rows[r])
+    if speedup >= MIN_SPEEDUP and per_rows[worst] >= MIN_ROW_SPEEDUP:
+        return torch.bfloat16, f"bf16: {speedup:.1f}x faster than fp32"
+    if speedup < MIN_SPEEDUP:
+        return (
+            torch.float32,
+            f"fp32: bf16 runs at {speedup:.2f}x its speed (under the {MIN_SPEEDUP}x worth its rounding)",
+        )
+    return torch.float32, (
+        f"fp32: bf16 is {speedup:.2f}x faster overall but {per_rows[worst]:.2f}x at {worst} row(s) "
+        f"(under {MIN_ROW_SPEEDUP}x)"
+    )
+
+
 def describe(m: Measurement, path: Path, cached: bool) -> str:
     """``bf16: 2.1x faster than fp32 on this CPU's projection shapes (...)``, or why fp32."""
     fp32, bf16 = m.step_ms["fp32"], m.step_ms["bf16"]
@@ -288,17 +320,8 @@ def describe(m: Measurement, path: Path, cached: bool) -> str:
         f"{r} row{'s' if r > 1 else ''}: {fp32[str(r)]:.2f} vs {bf16[str(r)]:.2f} ms"
         for r in sorted(m.speedups())
     )
-    how = (
-        f"measured in {m.seconds:.1f} s, "
-        + ("read from the cache at " if cached else "cached at ")
-        + str(path)
-    )
-    speedup = m.speedup()
-    if speedup >= MIN_SPEEDUP:
-        verdict = f"bf16: {speedup:.1f}x faster than fp32"
-    else:
-        verdict = f"fp32: bf16 runs at {speedup:.2f}x its speed (under the {MIN_SPEEDUP}x worth its rounding)"
-    return f"{verdict} on this CPU's projection shapes (fp32 vs bf16 per decode step, {rows}; {how})"
+    how = f"measured in {m.seconds:.1f} s, {'read from the cache' if cached else 'cached'} at {path}"
+    return f"{verdict(m)[1]} on this CPU's projection shapes (fp32 vs bf16 per decode step, {rows}; {how})"
 
 
 def choose_cpu_dtype(
@@ -326,5 +349,4 @@ def choose_cpu_dtype(
             "start. Pass --dtype bfloat16 to choose yourself"
         )
         return DtypeChoice(torch.float32, reason, m, path, cached)
-    dtype = torch.bfloat16 if m.speedup() >= MIN_SPEEDUP else torch.float32
-    return DtypeChoice(dtype, describe(m, path, cached), m, path, cached)
+    return DtypeChoice(verdict(m)[0], describe(m, path, cached), m, path, cached)
