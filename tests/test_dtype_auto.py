@@ -162,7 +162,7 @@ def test_the_plan_serves_what_was_measured_unless_told_otherwise(
     plan = plan_from_store(ServeConfig(base="tiny", device="cpu"), engine_store, [])
     assert plan.dtype == "bfloat16" and plan.variant == "bfloat16" and measured == [5]
     assert plan.dtype_reason.startswith("bf16: 2.5x faster than fp32") and any(
-        n.startswith("bfloat16: bf16: 2.5x faster") for n in plan.notes
+        n.startswith("dtype: bf16: 2.5x faster") for n in plan.notes
     )
     given = plan_from_store(ServeConfig(base="tiny", device="cpu", dtype="float32"), engine_store, [])
     assert given.dtype == "float32" and given.dtype_reason == "given: --dtype float32"
@@ -180,7 +180,7 @@ def test_the_dry_run_says_what_was_picked_and_why(
     table = runner.invoke(app, base, env=env)
     assert table.exit_code == 0, table.output
     flat = " ".join(table.output.split())
-    assert "dtype │ bfloat16 │" in flat and "note │ bfloat16: bf16: 2.5x faster than fp32 on this CPU" in flat
+    assert "dtype │ bfloat16 │" in flat and "note │ dtype: bf16: 2.5x faster than fp32 on this CPU" in flat
     as_json = json.loads(runner.invoke(app, [*base, "--json"], env=env).output)
     assert as_json["dtype_reason"].endswith(f"read from the cache at {cache})") and measured == [5]
     given = json.loads(runner.invoke(app, [*base, "--json", "--dtype", "float32"], env=env).output)

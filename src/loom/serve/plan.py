@@ -279,7 +279,7 @@ def make_plan(
     if variant in QUANTIZED_ORDER:
         notes.append(f"{variant}: quantized weights chosen (--quantize, CUDA, bitsandbytes installed)")
     if cfg.dtype == "auto" and variant not in QUANTIZED_ORDER:
-        notes.append(f"{variant}: {dtype_reason}")
+        notes.append(f"dtype: {dtype_reason}")
     return plan
 
 
