@@ -29,7 +29,11 @@ def serve(
         None, "--agents", help="Agent map (AGENT_MODEL_MAP.json or YAML): agents served at /v1/agents."
     ),
     device: str = _O("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = _O("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."),
+    dtype: str = _O(
+        "auto",
+        "--dtype",
+        help="auto (CPU: fp32 or bf16, as measured faster; GPU: bf16), float32, bfloat16, float16.",
+    ),
     quantize: bool = _O(False, "--quantize", help="Allow a quantized variant (nf4/int8) when available."),
     max_batch_size: int = _O(32, "--max-batch-size", help="Requests decoded together."),
     max_seq_len: int = _O(1024, "--max-seq-len", help="Prompt + generated tokens per request."),

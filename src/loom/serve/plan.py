@@ -58,6 +58,7 @@ class ServePlan:
     runtime_mb: int
     lora_targets: list[str] = field(default_factory=lambda: list(ATTN_TARGETS))
     lora_reason: str = "given"  # why these targets and this rank (shown by --dry-run)
+    dtype_reason: str = "given"  # why this dtype (--dtype auto on CPUs: loom.models.dtype_probe)
     max_prefill_tokens: int = EngineConfig().max_prefill_tokens_per_step
     pack_weights: bool = True
     preload: list[str] = field(default_factory=list)
@@ -113,24 +114,40 @@ def _lora_dims(arch: ArchitectureFacts, targets: Sequence[str]) -> int:
     return sum(sizes[t] for t in targets)
 
 
-def choose_variant(info: BaseInfo, cfg: ServeConfig, device: torch.device) -> tuple[str, torch.dtype]:
-    """Quantized when allowed and available (CUDA + bitsandbytes), else the best float dtype."""
+def choose_variant(info: BaseInfo, cfg: ServeConfig, device: torch.device) -> tuple[str, torch.dtype, str]:
+    """Quantized when allowed and available (CUDA + bitsandbytes), else the best float dtype;
+    with the reason (``ServePlan.dtype_reason``)."""
     if cfg.allow_quantized and device.type == "cuda":
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is not None:
             for variant in QUANTIZED_ORDER:
                 if variant in info.quantized_variants:
-                    return variant, torch.bfloat16
+                    return variant, torch.bfloat16, "quantized weights (--quantize, CUDA, bitsandbytes)"
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise LoomError(f"--dtype {cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    preferred = preferred_dtype(cfg, device) if cfg.dtype == "auto" else None
-    dtype = preferred or pick_dtype(cfg.dtype, device)
-    return VARIANT_OF_DTYPE[dtype], dtype
+    if cfg.dtype != "auto":
+        dtype = pick_dtype(cfg.dtype, device)
+        return VARIANT_OF_DTYPE[dtype], dtype, f"given: --dtype {cfg.dtype}"
+    preferred = preferred_dtype(cfg, device)
+    if preferred is not None:
+        skipped = [v for v in cfg.variant_preference if v not in FLOAT_VARIANTS]
+        reason = f"the first of the agent map's variant_preference {cfg.variant_preference} the device serves"
+        if skipped:
+            reason += f" ({', '.join(skipped)}: quantized, not served by the engine yet)"
+        return VARIANT_OF_DTYPE[preferred], preferred, reason
+    if device.type == "cpu":  # fp32 or bf16, whichever this CPU runs the base's products faster
+        from loom.models.dtype_probe import choose_cpu_dtype
+
+        choice = choose_cpu_dtype(info.arch)
+        return VARIANT_OF_DTYPE[choice.dtype], choice.dtype, choice.reason
+    dtype = pick_dtype("auto", device)
+    return VARIANT_OF_DTYPE[dtype], dtype, f"{NAMES_OF_DTYPE[dtype]}: the GPU's fastest float dtype"
 
 
 # the agent map's variant names -> the float dtypes the engine serves them in
 FLOAT_VARIANTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NAMES_OF_DTYPE = {dtype: name for name, dtype in FLOAT_VARIANTS.items()}
 
 
 def preferred_dtype(cfg: ServeConfig, device: torch.device) -> torch.dtype | None:
@@ -153,13 +170,14 @@ def make_plan(
     """The plan for ``arch``; ``adapters``: the stored adapters for this base (LoRA defaults)."""
     device = pick_device(cfg.device)
     if info is not None:
-        variant, dtype = choose_variant(info, cfg, device)
+        variant, dtype, dtype_reason = choose_variant(info, cfg, device)
         # fp16 weighs what bf16 does; the manifest lists bf16 only.
         key = {"float16": "bfloat16"}.get(variant, variant)
         weights_mb = info.variant_vram_mb.get(key, info.approx_vram_mb)
     else:  # stub mode: no manifest, the model is tiny
         dtype = pick_dtype(cfg.dtype, device)
         variant, weights_mb = VARIANT_OF_DTYPE[dtype], 1
+        dtype_reason = "stub mode (tiny test model)" if cfg.dtype == "auto" else f"given: --dtype {cfg.dtype}"
     nbytes = torch.empty((), dtype=dtype).element_size()
     packed_head_mb = 0
     if device.type == "cpu" and dtype == torch.float32 and cfg.pack_weights:
@@ -240,6 +258,7 @@ def make_plan(
         runtime_mb=runtime_mb,
         lora_targets=list(lora.targets),
         lora_reason=lora.reason,
+        dtype_reason=dtype_reason,
         max_prefill_tokens=chunk,
         pack_weights=cfg.pack_weights,
         preload=list(cfg.preload),
@@ -259,13 +278,8 @@ def make_plan(
         )
     if variant in QUANTIZED_ORDER:
         notes.append(f"{variant}: quantized weights chosen (--quantize, CUDA, bitsandbytes installed)")
-    if cfg.variant_preference and cfg.dtype == "auto" and variant not in QUANTIZED_ORDER:
-        skipped = [v for v in cfg.variant_preference if v not in FLOAT_VARIANTS]
-        notes.append(
-            f"{variant}: the first of the agent map's variant_preference {cfg.variant_preference} this "
-            f"device serves"
-            + (f" ({', '.join(skipped)}: quantized, not served by the engine yet)" if skipped else "")
-        )
+    if cfg.dtype == "auto" and variant not in QUANTIZED_ORDER:
+        notes.append(f"dtype: {dtype_reason}")
     return plan
 
 

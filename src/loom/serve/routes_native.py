@@ -188,4 +188,6 @@ async def info(request: Request) -> dict[str, Any]:
         "auth": cfg.api_key is not None,
     }
     out["plan"] = service.plan.describe() if service.plan else None
+    if service.plan is not None:  # why fp32 or bf16 (on a CPU measured: loom.models.dtype_probe)
+        out["dtype_reason"] = service.plan.dtype_reason
     return out
