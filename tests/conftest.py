@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the dtype probe's cache (loom.models.dtype_probe) lives in the user cache folder: tests start
+# from none and never write to the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="loom-test-cache-")
 
 from helpers import ADAPTERS, make_lora_adapter, make_tiny_mistral, tiny_engine
 from typer.testing import CliRunner

@@ -81,6 +81,7 @@ def gateway(default_store: Store, tmp_path_factory: pytest.TempPathFactory) -> I
             )
     cfg = ServeConfig(
         device="cpu",
+        dtype="float32",  # as the Loom engine it is compared with (auto may measure bf16 faster)
         max_batch_size=8,
         max_seq_len=512,
         kv_cache_mb=1024,
