@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("LOOM_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
 PROMPTS = [
     ("What is the capital of France?", None),
-    ("Name three colours.", "support-lora"),
-    ("Say hello to Ana.", "billing-lora"),
-    ("Count from one to five.", "support-lora"),
+    ("Name three colours.", "vsupport-lora"),
+    ("Say hello to Ana.", "vbilling-lora"),
+    ("Count from one to five.", "vsupport-lora"),
     ("What is two plus two?", None),
-    ("Write a word that rhymes with cat.", "billing-lora"),
+    ("Write a word that rhymes with cat.", "vbilling-lora"),
 ]
 
 if not Path(VLLM_PYTHON).is_file():
@@ -63,7 +63,7 @@ def gateway(default_store: Store, tmp_path_factory: pytest.TempPathFactory) -> I
 
     tmp = tmp_path_factory.mktemp("vllm-adapters")
     base_dir = Path(default_store.backend.local_path(default_store.resolve(BASE).rel) or "")
-    for i, name in enumerate(("support", "billing")):
+    for i, name in enumerate(("vsupport", "vbilling")):  # not test_serve_default_base's names: one store
         for version in ("v1", "v2"):
             seed = 10 * i + (version == "v2")
             folder = make_lora_adapter(
@@ -85,7 +85,7 @@ def gateway(default_store: Store, tmp_path_factory: pytest.TempPathFactory) -> I
         max_batch_size=8,
         max_seq_len=512,
         kv_cache_mb=1024,
-        preload=["support-lora"],
+        preload=["vsupport-lora"],
         backend="vllm",
         alias_refresh_s=0.5,
         vllm=VLLMOptions(python=VLLM_PYTHON, log_path=tmp / "vllm.log"),
@@ -113,8 +113,8 @@ def test_mixed_adapters_in_one_burst_equal_loom_engine(gateway: Gateway) -> None
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         answers = list(pool.map(lambda p: _chat(gateway.client, *p), PROMPTS))
     fingerprints = {model: fp for (_, model), (_, fp) in zip(PROMPTS, answers, strict=True)}
-    assert fingerprints["support-lora"] == "support-lora@v1"
-    assert fingerprints["billing-lora"] == "billing-lora@v1"
+    assert fingerprints["vsupport-lora"] == "vsupport-lora@v1"
+    assert fingerprints["vbilling-lora"] == "vbilling-lora@v1"
     assert fingerprints[None] and fingerprints[None].startswith(BASE + "@")
     # the same prompts, greedy, through Loom's own engine on the same store
     engine = Engine.from_store(BASE, store=gateway.store, device="cpu", dtype="float32", max_seq_len=512)
@@ -134,11 +134,11 @@ def test_mixed_adapters_in_one_burst_equal_loom_engine(gateway: Gateway) -> None
 
 def test_runtime_load_and_json_schema(gateway: Gateway) -> None:
     # billing-lora was not preloaded: the first request registered it in vLLM at runtime
-    _chat(gateway.client, "Hi", "billing-lora")
-    assert "billing-lora@v1" in gateway.engine.loaded
+    _chat(gateway.client, "Hi", "vbilling-lora")
+    assert "vbilling-lora@v1" in gateway.engine.loaded
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     out = gateway.client.chat.completions.create(
-        model="billing-lora",
+        model="vbilling-lora",
         messages=[{"role": "user", "content": "Which city is the capital of Italy? Answer in JSON."}],
         max_tokens=40,
         temperature=0,
@@ -149,24 +149,24 @@ def test_runtime_load_and_json_schema(gateway: Gateway) -> None:
 
 def test_promotion_reaches_vllm_without_restart(gateway: Gateway) -> None:
     pid = gateway.engine.supervisor.proc.pid  # type: ignore[union-attr]
-    before = _chat(gateway.client, "Tell me a fact.", "support-lora")
-    assert before[1] == "support-lora@v1"
-    gateway.store.set_alias("support-lora", "current", "v2")
+    before = _chat(gateway.client, "Tell me a fact.", "vsupport-lora")
+    assert before[1] == "vsupport-lora@v1"
+    gateway.store.set_alias("vsupport-lora", "current", "v2")
     deadline = time.monotonic() + 10
-    while (after := _chat(gateway.client, "Tell me a fact.", "support-lora"))[1] != "support-lora@v2":
+    while (after := _chat(gateway.client, "Tell me a fact.", "vsupport-lora"))[1] != "vsupport-lora@v2":
         assert time.monotonic() < deadline, "the alias move did not reach the gateway"
         time.sleep(0.2)
     assert after[0] != before[0]  # another adapter answered, in the same vLLM
     assert gateway.engine.supervisor.proc.pid == pid  # type: ignore[union-attr]
     # and back, with a hot-swap through the pools API
     r = httpx.post(
-        f"{gateway.url}/workers/pools", json={"adapter": "support-lora", "warm_size": 1}, timeout=60
+        f"{gateway.url}/workers/pools", json={"adapter": "vsupport-lora", "warm_size": 1}, timeout=60
     )
     assert r.status_code == 201, r.text
     pool = r.json()["id"]
     r = httpx.post(f"{gateway.url}/workers/pool/{pool}/swap", json={"version": "v1"}, timeout=60)
     assert r.status_code == 200, r.text
-    assert _chat(gateway.client, "Tell me a fact.", "support-lora") == before
+    assert _chat(gateway.client, "Tell me a fact.", "vsupport-lora") == before
 
 
 def test_metrics_include_vllm_relabelled(gateway: Gateway) -> None:
@@ -193,4 +193,4 @@ def test_a_dead_vllm_is_restarted_and_health_says_so(gateway: Gateway) -> None:
         time.sleep(1)
     assert sup.restarts == 1
     # adapters registered before the crash were registered again
-    assert _chat(gateway.client, "Hi", "billing-lora")[1] == "billing-lora@v1"
+    assert _chat(gateway.client, "Hi", "vbilling-lora")[1] == "vbilling-lora@v1"
