@@ -29,8 +29,24 @@ def serve(
         None, "--agents", help="Agent map (AGENT_MODEL_MAP.json or YAML): agents served at /v1/agents."
     ),
     device: str = _O("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = _O("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."),
-    quantize: bool = _O(False, "--quantize", help="Allow a quantized variant (nf4/int8) when available."),
+    dtype: str = _O(
+        "auto",
+        "--dtype",
+        help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16, or a quantized CPU variant: "
+        "int8 (per-channel) or int4 (group-wise), made once and cached in the store.",
+    ),
+    quantize: bool = _O(
+        False,
+        "--quantize",
+        help="Serve a quantized variant: on CPU the agent map's preferred one or int8; on CUDA "
+        "nf4/int8 (bitsandbytes).",
+    ),
+    allow_lossy: bool = _O(
+        False,
+        "--allow-lossy",
+        help="Serve a quantized variant even when its recorded error against fp32 is over the "
+        "quality bound (mean KL <= 0.05, greedy agreement >= 95%).",
+    ),
     max_batch_size: int = _O(32, "--max-batch-size", help="Requests decoded together."),
     max_seq_len: int = _O(1024, "--max-seq-len", help="Prompt + generated tokens per request."),
     kv_cache_mb: int | None = _O(None, "--kv-cache-mb", help="KV-cache budget (default: from the plan)."),
@@ -144,6 +160,7 @@ def serve(
         device=device,
         dtype=dtype,
         allow_quantized=quantize,
+        allow_lossy=allow_lossy,
         preload=list(preload or []),
         agents_file=agents,
         max_batch_size=max_batch_size,

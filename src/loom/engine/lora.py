@@ -217,7 +217,8 @@ class Projection:
         else:
             self.base = FrozenLinear(weight, bias, pack)
         if isinstance(self.base, QuantizedLinear):
-            pass  # the modules hold empty placeholders already
+            for lin in linears:  # the merged copy is the only one kept
+                lin.loom_quant = None  # type: ignore[assignment]
         elif self.base.packed is not None:
             release_weights(linears)  # the packed copy is the only one kept
         elif len(linears) > 1:

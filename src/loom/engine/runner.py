@@ -82,6 +82,7 @@ class ModelRunner:
             if quant_head is not None
             else FrozenLinear(head.weight, None, pack_weights, vocab=True)
         )
+        head.loom_quant = None
         self.head_bias = head.bias
         self.tied_head_copy = 0  # bytes of a packed lm_head whose dense weight the embeddings share
         if self.head.packed is not None:

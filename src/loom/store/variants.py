@@ -24,7 +24,7 @@ from loom.errors import IntegrityError, LoomError
 from loom.store.aliases import current_user
 from loom.store.backends import CLAIM
 from loom.store.hashing import sha256_stream
-from loom.store.manifest import MANIFEST_NAME, FileEntry, _Strict
+from loom.store.manifest import MANIFEST_NAME, BaseInfo, FileEntry, _Strict
 from loom.store.store import Resolved, Store
 
 VARIANTS_DIR = "variants"
@@ -154,3 +154,41 @@ def verify_variant(store: Store, base_rel: str, ref: str, variant: str, dry_run:
                     f"{f.sha256[:12]}…); delete {rel} and run 'loom store quantize {ref} --variant {variant}'"
                 )
     return problems
+
+
+def offered_variants(info: BaseInfo) -> list[str]:
+    """The CPU variants Loom can make of this base. Manifests written before Loom made its
+    own variants list only the bitsandbytes ones; any base with linear weights offers int8,
+    and int4 where the projections' input features split into groups of 32."""
+    listed = [v for v in info.quantized_variants if v in CPU_VARIANTS]
+    if listed or not info.quantized_variants:
+        return listed
+    arch = info.arch
+    int4 = arch.hidden_size % 32 == 0 and arch.intermediate_size % 32 == 0
+    return ["int8", "int4"] if int4 else ["int8"]
+
+
+def variant_weight_bytes(info: BaseInfo, variant: str, group_size: int = 128) -> int:
+    """Bytes of a base's weights served as ``variant`` (loom.models.quantize): every layer's
+    q/k/v/o/gate/up/down quantized (int4: group-wise bf16 scale + zero per ``group_size``
+    inputs; int8: a bf16 scale per output row), the vocabulary projection int8 (a second copy
+    when tied to the embeddings), everything else (embeddings, norms, biases) fp32."""
+    arch = info.arch
+    hidden, inter = arch.hidden_size, arch.intermediate_size
+    kv = arch.num_key_value_heads * (hidden // arch.num_attention_heads)
+    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden)]
+    shapes += [(inter, hidden), (inter, hidden), (hidden, inter)]
+    layer_params = arch.num_hidden_layers * sum(o * i for o, i in shapes)
+    head = arch.vocab_size * hidden
+    # the manifest counts the stored tensors: an untied lm_head is one of them
+    untied = info.parameter_count - layer_params >= 2 * head
+    other = info.parameter_count - layer_params - (head if untied else 0)
+
+    def quantized(out: int, inp: int) -> int:
+        if variant == "int8":
+            return out * inp + out * 2
+        group = next((g for g in (group_size, 128, 64, 32) if inp % g == 0), 32)
+        return out * inp // 2 + (inp // group) * out * 2 * 2
+
+    layers = arch.num_hidden_layers * sum(quantized(o, i) for o, i in shapes)
+    return layers + head + arch.vocab_size * 2 + other * 4
