@@ -110,8 +110,8 @@ def check_quality(manifest: VariantManifest, allow_lossy: bool) -> str | None:
     if problem is None:
         return None
     if not allow_lossy:
+        other = " or the int8 variant (--dtype int8)" if manifest.variant == "int4" else ""
         raise LoomError(
-            f"{problem}; serve it anyway with --allow-lossy, or choose a float dtype (--dtype "
-            f"float32) or another variant (--dtype int8)"
+            f"{problem}; serve it anyway with --allow-lossy, or serve fp32 (--dtype float32){other}"
         )
     return f"{problem}; served anyway (--allow-lossy)"
