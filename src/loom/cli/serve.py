@@ -32,9 +32,22 @@ def serve(
     dtype: str = _O(
         "auto",
         "--dtype",
-        help="auto (CPU: fp32 or bf16, as measured faster; GPU: bf16), float32, bfloat16, float16.",
+        help="auto (CPU: fp32 or bf16, as measured faster; GPU: bf16), float32, bfloat16, float16, or a "
+        "quantized CPU variant: "
+        "int8 (per-channel) or int4 (group-wise), made once and cached in the store.",
     ),
-    quantize: bool = _O(False, "--quantize", help="Allow a quantized variant (nf4/int8) when available."),
+    quantize: bool = _O(
+        False,
+        "--quantize",
+        help="Serve a quantized variant: on CPU the agent map's preferred one or int8; on CUDA "
+        "nf4/int8 (bitsandbytes).",
+    ),
+    allow_lossy: bool = _O(
+        False,
+        "--allow-lossy",
+        help="Serve a quantized variant even when its recorded error against fp32 is over the "
+        "quality bound (mean KL <= 0.05 nats, top-1 agreement >= 90% on the guard prompts).",
+    ),
     max_batch_size: int = _O(32, "--max-batch-size", help="Requests decoded together."),
     max_seq_len: int = _O(1024, "--max-seq-len", help="Prompt + generated tokens per request."),
     kv_cache_mb: int | None = _O(None, "--kv-cache-mb", help="KV-cache budget (default: from the plan)."),
@@ -152,6 +165,7 @@ def serve(
         device=device,
         dtype=dtype,
         allow_quantized=quantize,
+        allow_lossy=allow_lossy,
         preload=list(preload or []),
         agents_file=agents,
         max_batch_size=max_batch_size,

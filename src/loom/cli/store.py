@@ -10,9 +10,11 @@ import typer
 from rich.table import Table
 
 from loom.cli.output import byte_progress, console, fail, human_bytes, print_json
+from loom.cli.quantize import quantize
 from loom.store import Store
 from loom.store.manifest import Manifest
 from loom.store.store import ArtifactSummary, Resolved
+from loom.store.variants import cached_variants
 
 app = typer.Typer(help="The model store: versions, aliases, verification.", no_args_is_help=True)
 alias_app = typer.Typer(help="Move and list aliases (current, champion, …).", no_args_is_help=True)
@@ -139,6 +141,7 @@ def _show_version(store: Store, resolved: Resolved, as_json: bool) -> None:
             ("approx_vram_mb", b.approx_vram_mb),
             ("variants (MB)", ", ".join(f"{k}={v}" for k, v in b.variant_vram_mb.items())),
             ("quantized_variants", ", ".join(b.quantized_variants)),
+            ("cached variants", ", ".join(cached_variants(store, resolved)) or "-"),
             ("peft_support", f"{b.peft_support} (default targets {', '.join(b.default_target_modules)})"),
             ("fingerprint", b.fingerprint),
             ("chat template", (b.chat_template_sha256 or "none")[:16]),
@@ -163,6 +166,9 @@ def _show_version(store: Store, resolved: Resolved, as_json: bool) -> None:
     for f in m.files:
         files.add_row(f.path, human_bytes(f.size), f.sha256[:16] + "…")
     console.print(files)
+
+
+app.command("quantize")(quantize)
 
 
 @app.command("import-base")

@@ -39,7 +39,8 @@ weights become views of the merged tensor (or are dropped once packed), so
 memory is not doubled.
 
 The base products themselves are ``loom.engine.linear.FrozenLinear`` (oneDNN-packed
-weights on CPUs).
+weights on CPUs), or ``loom.engine.quantized.QuantizedLinear`` for a quantized variant's
+modules (which carry their weights as ``loom_quant``); the deltas are fp32 either way.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import torch
 from torch import nn
 
 from loom.engine.linear import FrozenLinear, release_weights
+from loom.engine.quantized import QuantizedLinear, concat_out
 
 # Dense deltas while U x max_rank stays this small (columns of ``x @ [A_1 .. A_U]``);
 # beyond, the gather path (see the module docstring for the crossover measured).
@@ -208,8 +210,16 @@ class Projection:
             if any(b is not None for b in biases):
                 pairs = zip(biases, self.sizes, strict=True)
                 bias = torch.cat([b if b is not None else weight.new_zeros(n) for b, n in pairs])
-        self.base = FrozenLinear(weight, bias, pack)
-        if self.base.packed is not None:
+        quant = [getattr(lin, "loom_quant", None) for lin in linears]
+        self.base: FrozenLinear | QuantizedLinear
+        if all(q is not None for q in quant):  # a quantized variant (loom.models.quantize)
+            self.base = QuantizedLinear(concat_out([q for q in quant if q is not None]), bias)
+        else:
+            self.base = FrozenLinear(weight, bias, pack)
+        if isinstance(self.base, QuantizedLinear):
+            for lin in linears:  # the merged copy is the only one kept
+                lin.loom_quant = None  # type: ignore[assignment]
+        elif self.base.packed is not None:
             release_weights(linears)  # the packed copy is the only one kept
         elif len(linears) > 1:
             for lin, off, n in zip(linears, self.offsets, self.sizes, strict=True):

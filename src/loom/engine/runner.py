@@ -19,6 +19,7 @@ from torch import nn
 from loom.engine.kv_cache import KVCache
 from loom.engine.linear import FrozenLinear, release_weights
 from loom.engine.lora import BatchLoRAContext, LoRASlots, Projection
+from loom.engine.quantized import QuantizedLinear
 from loom.errors import LoomError
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -75,7 +76,13 @@ class ModelRunner:
             # down_proj (wide input, narrow output) measured 0-9% slower packed: kept dense.
             self.down.append(self._projection(i, "mlp", mlp, ("down_proj",), targets, pack=False))
         head = model.lm_head
-        self.head = FrozenLinear(head.weight, None, pack_weights, vocab=True)
+        quant_head = getattr(head, "loom_quant", None)  # a quantized variant (loom.models.quantize)
+        self.head: FrozenLinear | QuantizedLinear = (
+            QuantizedLinear(quant_head, None)
+            if quant_head is not None
+            else FrozenLinear(head.weight, None, pack_weights, vocab=True)
+        )
+        head.loom_quant = None
         self.head_bias = head.bias
         self.tied_head_copy = 0  # bytes of a packed lm_head whose dense weight the embeddings share
         if self.head.packed is not None:

@@ -29,6 +29,7 @@ from loom.serve.requestlog import open_log
 from loom.serve.service import Service
 from loom.store.manifest import ArchitectureFacts
 from loom.store.store import Store
+from loom.store.variants import CPU_VARIANTS
 
 log = logging.getLogger("loom.serve")
 
@@ -140,12 +141,33 @@ def build_engine(
         from loom.errors import LoomError
 
         raise LoomError(
-            f"the plan chose {plan.variant}, but the Loom engine serves float weights only for now; "
-            "drop --quantize (the plan then picks bf16/fp16 on CUDA)"
+            f"the plan chose {plan.variant}, a bitsandbytes variant the Loom engine does not serve; "
+            "drop --quantize (the plan then picks bf16/fp16 on CUDA), or serve int8/int4 on a CPU "
+            "(--device cpu --dtype int8)"
         )
     engine_cfg = {**vars(plan.engine_config()), "alias_refresh_s": cfg.alias_refresh_s}
+    if plan.variant in CPU_VARIANTS:
+        return quantized_engine(cfg, store, plan, engine_cfg), plan
     engine = Engine.from_store(plan.base_ref, device=cfg.device, dtype=plan.dtype, store=store, **engine_cfg)
     return engine, plan
+
+
+def quantized_engine(cfg: ServeConfig, store: Store, plan: ServePlan, engine_cfg: dict[str, Any]) -> Engine:
+    """The engine on ``plan.variant`` (int8/int4) of the base: made and cached on first load,
+    its checksums verified, refused over the quality bounds unless ``--allow-lossy``."""
+    from loom.engine.engine import EngineConfig
+    from loom.models.quantize import load_variant
+
+    def load() -> tuple[Any, Any, str | None, str | None]:
+        model, tokenizer, ref, fingerprint, notes = load_variant(
+            store, plan.base_ref, plan.variant, cfg.allow_lossy
+        )
+        for note in notes:
+            log.warning("%s", note)
+        plan.notes.extend(notes)
+        return model, tokenizer, ref, fingerprint
+
+    return Engine(config=EngineConfig(**engine_cfg), store=store, loader=load)
 
 
 def watch_backend(service: Service, engine: ServingEngine) -> None:

@@ -18,6 +18,9 @@ class ServeConfig:
     device: str = "auto"
     dtype: str = "auto"
     allow_quantized: bool = False
+    # serve a quantized variant whose recorded error against fp32 is over the quality guard's
+    # bounds (loom.models.quality: mean KL <= 0.05, greedy agreement >= 95%)
+    allow_lossy: bool = False
     preload: list[str] = field(default_factory=list)
     agents_file: Path | None = None
     # the agent map's variant_preference (e.g. ["bf16", "fp32"]): with --dtype auto, the plan serves

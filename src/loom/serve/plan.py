@@ -7,6 +7,7 @@ configuration that over-commits memory is refused before anything is allocated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -21,8 +22,10 @@ from loom.errors import LoomError
 from loom.models.device import DTYPES, pick_device, pick_dtype
 from loom.serve.config import ServeConfig
 from loom.serve.lora_limits import StoredAdapter, choose_lora, stored_adapter, stored_adapters
+from loom.store.facts import RUNTIME_OVERHEAD
 from loom.store.manifest import ArchitectureFacts, BaseInfo
-from loom.store.store import Store
+from loom.store.store import Resolved, Store
+from loom.store.variants import CPU_VARIANTS, offered_variants, variant_weight_bytes
 
 MIB = 2**20
 # The process itself before any model: Python, torch, transformers and the server imported
@@ -36,6 +39,10 @@ PREFILL_TOKENS = {"cpu": 256, "cuda": EngineConfig().max_prefill_tokens_per_step
 DEFAULT_PREFIX_MB = EngineConfig().prefix_cache_mb
 VARIANT_OF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 QUANTIZED_ORDER = ("nf4_bnb", "int8_bnb")
+
+
+class OverBudgetError(LoomError):
+    """The plan needs more memory than the budget (the message says by how much and what to lower)."""
 
 
 @dataclass
@@ -114,9 +121,44 @@ def _lora_dims(arch: ArchitectureFacts, targets: Sequence[str]) -> int:
     return sum(sizes[t] for t in targets)
 
 
+def cpu_variant(info: BaseInfo, cfg: ServeConfig, device: torch.device) -> str | None:
+    """Loom's own quantized CPU variant (int8/int4, ``loom.models.quantize``) when asked for:
+    ``--dtype int8|int4``; with ``--dtype auto``, the agent map's ``variant_preference`` when
+    the first entry this device serves is one; ``--quantize`` on a CPU: the preference's
+    first quantized variant, else int8."""
+    wanted = cfg.dtype if cfg.dtype in CPU_VARIANTS else None
+    served = ("fp32", "bf16", *CPU_VARIANTS) if device.type == "cpu" else ()
+    if wanted is None and cfg.dtype == "auto" and device.type == "cpu":
+        first = next((v for v in cfg.variant_preference if v in served), None)
+        wanted = first if first in CPU_VARIANTS else None
+        if wanted is None and cfg.allow_quantized:
+            wanted = next((v for v in cfg.variant_preference if v in CPU_VARIANTS), "int8")
+    if wanted is None:
+        return None
+    if device.type != "cpu":
+        raise LoomError(
+            f"--dtype {wanted} runs on CPUs (torch's packed-weight CPU kernels); on {device} use "
+            "--device cpu, or --quantize for the bitsandbytes variants on CUDA"
+        )
+    if wanted not in offered_variants(info):
+        raise LoomError(
+            f"this base offers {offered_variants(info) or 'no'} quantized CPU variants, not {wanted}: "
+            "pick another --dtype"
+        )
+    return wanted
+
+
 def choose_variant(info: BaseInfo, cfg: ServeConfig, device: torch.device) -> tuple[str, torch.dtype, str]:
-    """Quantized when allowed and available (CUDA + bitsandbytes), else the best float dtype;
-    with the reason (``ServePlan.dtype_reason``)."""
+    """Quantized when asked and available (int8/int4 on CPU: ``cpu_variant``; nf4/int8 on CUDA
+    with bitsandbytes), else the best float dtype; with the reason (``ServePlan.dtype_reason``)."""
+    quantized = cpu_variant(info, cfg, device)
+    if quantized is not None:  # activations, KV cache and LoRA stay fp32
+        how = (
+            f"--dtype {cfg.dtype}"
+            if cfg.dtype == quantized
+            else "the agent map's variant_preference or --quantize"
+        )
+        return quantized, torch.float32, f"{quantized} weights ({how})"
     if cfg.allow_quantized and device.type == "cuda":
         import importlib.util
 
@@ -174,13 +216,15 @@ def make_plan(
         # fp16 weighs what bf16 does; the manifest lists bf16 only.
         key = {"float16": "bfloat16"}.get(variant, variant)
         weights_mb = info.variant_vram_mb.get(key, info.approx_vram_mb)
+        if variant in CPU_VARIANTS:
+            weights_mb = math.ceil(variant_weight_bytes(info, variant) * RUNTIME_OVERHEAD / MIB)
     else:  # stub mode: no manifest, the model is tiny
         dtype = pick_dtype(cfg.dtype, device)
         variant, weights_mb = VARIANT_OF_DTYPE[dtype], 1
         dtype_reason = "stub mode (tiny test model)" if cfg.dtype == "auto" else f"given: --dtype {cfg.dtype}"
     nbytes = torch.empty((), dtype=dtype).element_size()
     packed_head_mb = 0
-    if device.type == "cpu" and dtype == torch.float32 and cfg.pack_weights:
+    if device.type == "cpu" and dtype == torch.float32 and cfg.pack_weights and variant not in CPU_VARIANTS:
         # The engine holds fp32 CPU weights oneDNN-packed (loom.engine.linear). Packing
         # replaces the projections' weights, except an lm_head tied to the input
         # embeddings, which stay dense: that is a second copy. The manifest does not
@@ -266,18 +310,20 @@ def make_plan(
     )
     if batch < 1 or plan.total_mb > budget:
         over = plan.total_mb - budget if plan.total_mb > budget else int(per_seq_mb)
-        raise LoomError(
+        raise OverBudgetError(
             f"serving {base_ref} as {variant} on {device} needs {plan.total_mb} MiB (weights {weights_mb}, "
             f"adapters {round(cfg.max_adapters * slot_mb)}, KV cache {kv_mb}, prefix cache "
             f"{prefix_mb}, activations {activations_mb}, "
             f"runtime {runtime_mb}) "
             f"but the budget is {budget} MiB: over by {over} MiB. Lower --max-batch-size, --max-seq-len, "
             f"--max-adapters, --max-lora-rank (now {max_rank}), --lora-targets (now "
-            f"{','.join(lora.targets)}), --kv-cache-mb or --prefix-cache-mb, allow a quantized variant "
-            f"(--quantize, CUDA), or raise --memory-mb"
+            f"{','.join(lora.targets)}), --kv-cache-mb or --prefix-cache-mb, serve a quantized variant "
+            f"(--dtype int8 or int4 on CPU, --quantize on CUDA), or raise --memory-mb"
         )
     if variant in QUANTIZED_ORDER:
         notes.append(f"{variant}: quantized weights chosen (--quantize, CUDA, bitsandbytes installed)")
+    if variant in CPU_VARIANTS:
+        notes.append(f"{variant}: weight-only quantized projections on torch's CPU kernels; LoRA in fp32")
     if cfg.dtype == "auto" and variant not in QUANTIZED_ORDER:
         notes.append(f"dtype: {dtype_reason}")
     return plan
@@ -302,6 +348,50 @@ def plan_from_store(cfg: ServeConfig, store: Store, preload: list[str]) -> Serve
         found = resolve_adapter(store, ref, info.fingerprint, resolved.ref)
         assert found.manifest.adapter is not None  # resolve_adapter refuses anything else
         adapters.append(stored_adapter(found.ref, found.manifest.adapter, preload=True))
-    plan = make_plan(cfg, info.arch, info, resolved.ref, adapters)
+    try:
+        plan = make_plan(cfg, info.arch, info, resolved.ref, adapters)
+    except OverBudgetError as exc:
+        plan = quantized_fallback(cfg, info, resolved.ref, adapters, exc)
     plan.preload = list(preload)
+    if plan.variant in CPU_VARIANTS:
+        plan.notes.append(variant_note(store, resolved, plan.variant, cfg.allow_lossy))
     return plan
+
+
+def quantized_fallback(
+    cfg: ServeConfig, info: BaseInfo, ref: str, adapters: Sequence[StoredAdapter], over: OverBudgetError
+) -> ServePlan:
+    """With ``--dtype auto`` on a CPU, a float plan over the budget falls back to the first of
+    int8, int4 that fits (the quality guard still applies); otherwise ``over`` is raised."""
+    if cfg.dtype != "auto" or pick_device(cfg.device).type != "cpu":
+        raise over
+    for variant in offered_variants(info):
+        try:
+            plan = make_plan(dataclasses.replace(cfg, dtype=variant), info.arch, info, ref, adapters)
+        except OverBudgetError:
+            continue
+        plan.notes.append(f"{variant} chosen because the float weights do not fit: {over}")
+        return plan
+    raise over
+
+
+def variant_note(store: Store, base: Resolved, variant: str, allow_lossy: bool) -> str:
+    """The cached variant's recorded quality (refused over the guard's bounds unless
+    ``allow_lossy``: from metadata, so a dry run refuses too), or that it is made on first load."""
+    from loom.models.quality import check_quality
+    from loom.store.variants import read_variant
+
+    manifest = read_variant(store, base, variant)
+    if manifest is None:
+        return (
+            f"{variant}: not cached yet; made (and checked against fp32) on first load, or now with "
+            f"'loom store quantize {base.ref} --variant {variant}'"
+        )
+    lossy = check_quality(manifest, allow_lossy)
+    q = manifest.quality
+    if lossy or q is None:  # over the bounds (or unchecked) and --allow-lossy
+        return lossy or ""
+    return (
+        f"{variant}: cached; against fp32 mean KL {q.mean_kl:.4f}, greedy agreement {q.agreement:.1%} "
+        f"over {q.tokens} tokens"
+    )

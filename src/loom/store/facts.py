@@ -121,6 +121,11 @@ def _is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and "embed" not in name and "lm_head" not in name
 
 
+def _quantized_variants(arch: ArchitectureFacts) -> list[str]:
+    int4 = arch.hidden_size % 32 == 0 and arch.intermediate_size % 32 == 0  # int4 groups of >= 32
+    return ["int8", *(["int4"] if int4 else []), "int8_bnb", "nf4_bnb"]
+
+
 def _use_cases(params: int) -> list[str]:
     if params < 1_000_000_000:
         return ["tests", "classification", "extraction", "routing", "short structured answers"]
@@ -167,7 +172,8 @@ def base_facts(folder: Path) -> BaseInfo:
             "int8_bnb": mb(linear * 1 + other * 2),
             "nf4_bnb": mb(linear * 0.5 + linear / 64 * 4 + other * 2),
         },
-        quantized_variants=["int8_bnb", "nf4_bnb"] if linear else [],
+        # int8/int4: Loom's CPU variants, made on demand (loom.store.variants); *_bnb: CUDA
+        quantized_variants=_quantized_variants(arch) if linear else [],
         peft_support=bool(targets),
         default_target_modules=targets,
         recommended_use_cases=_use_cases(params),

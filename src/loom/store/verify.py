@@ -3,8 +3,9 @@
 Checks per version: the manifest validates and names its folder; every
 listed file exists with the listed size and sha256; nothing unlisted is in the
 folder but eval results (``evals/<id>.json``, written after publishing, each
-sealed with its own sha256: ``loom.store.sealed``); adapters name a base that
-exists, with the same fingerprint, are
+sealed with its own sha256: ``loom.store.sealed``) and quantized variants
+(``variants/<variant>/``, each checked against its own manifest: ``loom.store.variants``);
+adapters name a base that exists, with the same fingerprint, are
 plain LoRA as Loom serves it (``AdapterSpec``), and every LoRA matrix fits
 that base's module shapes. ``dry_run`` skips hashing
 (paths, sizes, manifests and shapes only, no weights read).
@@ -24,6 +25,7 @@ from loom.store.layout import ArtifactPath
 from loom.store.manifest import MANIFEST_NAME, Manifest
 from loom.store.sealed import unseal
 from loom.store.store import Store
+from loom.store.variants import VARIANTS_DIR, verify_variant
 
 # Eval results live beside a version in this folder; they are not in its manifest.
 EVALS_DIR = "evals"
@@ -58,7 +60,10 @@ def verify_version(
     *,
     dry_run: bool = False,
     progress: Callable[[int], Progress | None] | None = None,
+    variants: bool = False,
 ) -> VersionReport:
+    """``variants``: check the version's cached quantized variants too (``loom store verify``
+    does; loading a base does not, so a damaged variant never blocks serving the base)."""
     ref = f"{artifact.name}@{version}"
     report = VersionReport(ref=ref, kind=artifact.kind)
     rel = artifact.version_rel(version)
@@ -76,7 +81,9 @@ def verify_version(
     evals = {p for p in present - listed if _is_eval_file(p)}
     # an eval write cut off before its rename leaves evals/.<id>.json.<hex>.tmp: not the version's
     leftovers = {p for p in present - listed if p.startswith(f"{EVALS_DIR}/.") and p.endswith(".tmp")}
-    for extra in sorted(present - listed - evals - leftovers):
+    # quantized variants (loom.store.variants) carry their own manifests: checked below
+    variant_files = {p for p in present - listed if p.startswith(f"{VARIANTS_DIR}/")}
+    for extra in sorted(present - listed - evals - leftovers - variant_files):
         report.problems.append(f"{ref}: unexpected file {extra} (not in the manifest)")
     tick = progress(manifest.total_bytes) if progress and not dry_run else None
     for f in manifest.files:
@@ -102,6 +109,8 @@ def verify_version(
         report.problems += _adapter_fit(store, rel, manifest)
     for path in sorted(evals):
         report.problems += _eval_problems(store, ref, f"{rel}/{path}", path)
+    for variant in sorted({p.split("/")[1] for p in variant_files} if variants else ()):
+        report.problems += verify_variant(store, rel, ref, variant, dry_run)
     return report
 
 
@@ -171,4 +180,6 @@ def verify_store(
     else:
         artifact = store.find(ref)
         targets = [(artifact, v) for v in store.versions(artifact)]
-    return [verify_version(store, a, v, dry_run=dry_run, progress=progress) for a, v in targets]
+    return [
+        verify_version(store, a, v, dry_run=dry_run, progress=progress, variants=True) for a, v in targets
+    ]
