@@ -492,8 +492,11 @@ def test_the_plan_serves_the_first_variant_the_device_offers(agent_store: Store)
 
     cfg = ServeConfig(base="tiny", device="cpu", variant_preference=["int8", "fp16", "bf16", "fp32"])
     plan = plan_from_store(cfg, agent_store, [])
-    assert plan.dtype == "bfloat16"  # int8: not served yet; fp16: CUDA only
-    assert any("variant_preference" in n and "int8" in n for n in plan.notes), plan.notes
+    assert plan.variant == "int8"  # Loom's own CPU variant (loom.models.quantize), made on first load
+    cfg = ServeConfig(base="tiny", device="cpu", variant_preference=["nf4", "fp16", "bf16", "fp32"])
+    plan = plan_from_store(cfg, agent_store, [])
+    assert plan.dtype == "bfloat16"  # nf4: bitsandbytes on CUDA only; fp16: CUDA only
+    assert any("variant_preference" in n and "nf4" in n for n in plan.notes), plan.notes
     assert plan_from_store(ServeConfig(base="tiny", device="cpu"), agent_store, []).dtype == "float32"
 
 
