@@ -1,7 +1,8 @@
 """Backends benchmark: the same streaming workload through ``loom serve`` on Loom's engine and
 on vLLM (``--backend vllm``: vLLM's CPU build here, behind Loom's gateway), side by side.
 
-    python benchmarks/backends.py [--quick] [--repeat N] [--dtype float32|bfloat16] [--json PATH]
+    python benchmarks/backends.py [--quick] [--repeat N] [--loom-dtypes float32,bfloat16,int8,int4]
+                                  [--vllm-dtypes float32,bfloat16] [--json PATH]
 
 Workload (as benchmarks/serve.py row C): SNIPS dev utterances as chat messages, 32 concurrent
 streaming clients started together, exactly 64 new tokens each (eos ignored), greedy;
@@ -41,6 +42,7 @@ def start(
         "--max-adapters", "16", "--max-rank", str(RANK), "--dtype", dtype, "--log-level", "warning",
         "--request-log", "off", "--vllm-python", vllm_python,
         *[arg for a in adapters for arg in ("--preload", a)],
+        *(["--allow-lossy"] if dtype in ("int8", "int4") else []),  # speed rows; quality is the guard's
     ]  # fmt: skip
     server = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
@@ -59,12 +61,14 @@ def measure(url: str, models: list[str], texts: list[str], rounds: int) -> dict[
     }
 
 
-def backend_rows(backend: str, base_ref: str, adapters: list[str], texts: list[str], args: Any) -> list[dict]:
-    server, url = start(backend, adapters, args.dtype, args.vllm_python)
+def backend_rows(
+    backend: str, dtype: str, base_ref: str, adapters: list[str], texts: list[str], args: Any
+) -> list[dict]:
+    server, url = start(backend, adapters, dtype, args.vllm_python)
     try:
         measure(url, adapters, texts[:CONCURRENCY], 1)  # warm-up: first-step allocations, LoRA loads
         return [
-            {"backend": backend, "workload": name, **measure(url, models, texts, args.rounds)}
+            {"backend": backend, "dtype": dtype, "workload": name, **measure(url, models, texts, args.rounds)}
             for name, models in (("mixed, 8 adapters", adapters), ("base only", [base_ref]))
         ]
     finally:
@@ -76,7 +80,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="1 round of 32 instead of 3")
     parser.add_argument("--repeat", type=int, default=1, help="alternate the backends this many times")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--loom-dtypes", default="float32", help="comma-separated: float32,bfloat16,int8,int4"
+    )
+    parser.add_argument("--vllm-dtypes", default="float32", help="comma-separated: float32,bfloat16")
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -86,16 +93,19 @@ def main() -> None:
     adapters = make_adapters(store, base_ref, 8)
     texts = [json.loads(x)["text"] for x in DATA.read_text().splitlines() if x]
     rows = []
+    runs = [("loom", d) for d in args.loom_dtypes.split(",")] + [
+        ("vllm", d) for d in args.vllm_dtypes.split(",")
+    ]
     for _ in range(args.repeat):
-        for backend in ("loom", "vllm"):
-            rows += backend_rows(backend, base_ref, adapters, texts, args)
-    print(f"\n{CONCURRENCY} streams x {NEW} tokens, {args.dtype}, {args.rounds} round(s) per row")
-    print("| backend | workload | tok/s | TTFT p50 (ms) | TTFT p95 (ms) | requests | errors |")
-    print("|---|---|---|---|---|---|---|")
+        for backend, dtype in runs:
+            rows += backend_rows(backend, dtype, base_ref, adapters, texts, args)
+    print(f"\n{CONCURRENCY} streams x {NEW} tokens, {args.rounds} round(s) per row")
+    print("| backend | dtype | workload | tok/s | TTFT p50 (ms) | TTFT p95 (ms) | requests | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['backend']} | {r['workload']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_s'] * 1000:.0f} | "
-            f"{r['ttft_p95_s'] * 1000:.0f} | {r['requests']} | {r['errors']} |"
+            f"| {r['backend']} | {r['dtype']} | {r['workload']} | {r['tokens_per_s']:.1f} | "
+            f"{r['ttft_p50_s'] * 1000:.0f} | {r['ttft_p95_s'] * 1000:.0f} | {r['requests']} | {r['errors']} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

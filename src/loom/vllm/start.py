@@ -7,8 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from loom.errors import LoomError
 from loom.serve.plan import ServePlan
 from loom.store.store import Store
+from loom.store.variants import CPU_VARIANTS
 from loom.vllm.launch import VLLMLaunch, kv_cache_gib, vllm_dtype, vllm_rank
 from loom.vllm.options import VLLMOptions
 
@@ -47,6 +49,11 @@ def start_engine(
     from loom.vllm.launch import check_python
     from loom.vllm.supervisor import Supervisor
 
+    if plan.variant in CPU_VARIANTS:
+        raise LoomError(
+            f"--backend vllm serves float weights; {plan.variant} is Loom's own CPU variant: use "
+            "--backend loom for it, or --dtype float32|bfloat16 with vLLM"
+        )
     python = check_python(opts.python)  # before any loading: a missing venv is the user's fix
     loaded = plan_load(plan.base_ref, store=store, strict=True)
     base_dir = Path(loaded.base_path)
