@@ -267,3 +267,5 @@ def test_plan_weights_per_variant_and_mistral_7b_on_16_gb(store: Store) -> None:
     plan_json = json.loads(result.output)
     assert plan_json["variant"] == "int8" and plan_json["total_mb"] <= 16000, json.dumps(plan_json)
     assert any("int8 chosen because the float weights do not fit" in n for n in plan_json["notes"])
+    # not made yet: making it here would hold the fp32 base beside it, over 16 GB; the start refuses
+    assert any(n.startswith("cannot start yet:") and "loom store quantize" in n for n in plan_json["notes"])

@@ -32,7 +32,8 @@ NOT_READY = frozenset({"loading", "draining", "restarting", "failed", "agent_una
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteError, httpx.WriteTimeout)
 UNSAFE_HINT = (
     "it was not re-sent to another endpoint because it may have run there; pass retry_unsafe=True "
-    "to allow that (safe for generation, which changes nothing on the server)"
+    "to allow that (fine for plain generation; a chat turn may then be saved twice in a shared "
+    "conversation database)"
 )
 
 

@@ -172,11 +172,15 @@ class SQLConversationStore:
             which = which.where(sessions.c.owner == owner)
         first = func.min(messages.c.seq).label("first")
         counts = select(messages.c.session_id, func.count().label("n"), first).group_by(messages.c.session_id)
+        if owner is not None:  # this key's sessions only: never a scan of everyone's messages
+            mine = select(sessions.c.session_id).where(sessions.c.owner == owner)
+            counts = counts.where(messages.c.session_id.in_(mine))
         with self._errors("list sessions"), self._read() as c:
             rows = c.execute(which).all()
             stats = {r.session_id: (r.n, r.first) for r in c.execute(counts)}
-            firsts = [s[1] for s in stats.values()]
-            preview = select(messages.c.session_id, messages.c.content).where(messages.c.seq.in_(firsts))
+            preview = select(messages.c.session_id, messages.c.content).where(
+                messages.c.seq.in_(counts.with_only_columns(first))
+            )
             previews: dict[str, str] = {r.session_id: r.content for r in c.execute(preview)}
         return [
             SessionInfo(
@@ -219,8 +223,8 @@ class SQLConversationStore:
                     "(loom conversations rm) or import it under a new id"
                 )
             c.execute(insert(sessions).values(**_session_row(session), updated=session.updated))
-            self._evict(c, session.owner)
             self._insert_messages(c, session.session_id, kept)
+            self._evict(c, session.owner, keep=session.session_id)  # never the session just imported
         session.messages = kept
         return session
 
@@ -254,16 +258,17 @@ class SQLConversationStore:
         )
         c.execute(delete(messages).where(messages.c.session_id == session_id, messages.c.seq <= cut))
 
-    def _evict(self, c: Connection, owner: str) -> None:
+    def _evict(self, c: Connection, owner: str, keep: str | None = None) -> None:
         """The owner's least recently updated sessions beyond max_sessions go (per owner, so one key
-        filling its quota never pushes out another key's sessions)."""
-        old = (
-            select(sessions.c.session_id)
-            .where(sessions.c.owner == owner)
-            .order_by(sessions.c.updated.desc())
-            .offset(self.max_sessions)
+        filling its quota never pushes out another key's sessions); ``keep`` never goes."""
+        newest = (
+            select(sessions.c.session_id).where(sessions.c.owner == owner).order_by(sessions.c.updated.desc())
         )
-        _delete_sessions(c, [r[0] for r in c.execute(old)])
+        ids = [r[0] for r in c.execute(newest)]
+        if keep in ids:  # an imported session keeps its own (old) time, and its place
+            ids.remove(keep)
+            ids.insert(0, keep)
+        _delete_sessions(c, ids[self.max_sessions :])
 
 
 def _owns(stored: str, owner: str | None) -> bool:

@@ -218,8 +218,12 @@ def load_variant(
     notes = []
     manifest = read_variant(store, base, variant)
     if manifest is None:
-        manifest = make_variant(store, base, variant)
-        notes.append(f"{variant} variant of {base.ref} made on first load and cached in the store")
+        # one maker at a time: a second server starting meanwhile waits, then reads the cached one
+        with store.backend.lock(f"{base.rel}/variants/{variant}"):
+            manifest = read_variant(store, base, variant)
+            if manifest is None:
+                manifest = make_variant(store, base, variant)
+                notes.append(f"{variant} variant of {base.ref} made on first load and cached in the store")
     problems = verify_variant(store, base.rel, base.ref, variant, dry_run=False)
     if problems:
         raise IntegrityError(f"refusing to load {base.ref} as {variant}: " + "; ".join(problems))

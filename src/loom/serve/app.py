@@ -156,7 +156,19 @@ def quantized_engine(cfg: ServeConfig, store: Store, plan: ServePlan, engine_cfg
     """The engine on ``plan.variant`` (int8/int4) of the base: made and cached on first load,
     its checksums verified, refused over the quality bounds unless ``--allow-lossy``."""
     from loom.engine.engine import EngineConfig
+    from loom.errors import LoomError
     from loom.models.quantize import load_variant
+    from loom.serve.plan import making_problem
+    from loom.store.variants import read_variant
+
+    base = store.resolve(plan.base_ref)
+    problem = (
+        None
+        if read_variant(store, base, plan.variant)
+        else making_problem(base, plan.variant, plan.budget_mb)
+    )
+    if problem is not None:
+        raise LoomError(problem)
 
     def load() -> tuple[Any, Any, str | None, str | None]:
         model, tokenizer, ref, fingerprint, notes = load_variant(

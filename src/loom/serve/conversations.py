@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -136,12 +137,20 @@ async def save(store: ConversationStore, session: Session, messages: Sequence[Me
 
 
 def save_cut_off(store: ConversationStore, session: Session, messages: Sequence[Message]) -> None:
-    """Commit a cut-off exchange from a stream's ``finally`` (synchronously: the task may be
-    cancelled, and this is the rare path). A failure is logged, never raised over the cause."""
-    try:
-        store.append(session, messages)
-    except Exception as exc:
-        log.error("the cut-off turn of session %s was not saved: %s", session.session_id, exc)
+    """Commit a cut-off exchange from a stream's ``finally``: on a worker thread (a database write
+    never stalls the event loop), not awaited (the task may be cancelled); a failure is logged,
+    never raised over the cause."""
+
+    def write() -> None:
+        try:
+            store.append(session, messages)
+        except Exception as exc:
+            log.error("the cut-off turn of session %s was not saved: %s", session.session_id, exc)
+
+    _CUT_OFF.submit(write)
+
+
+_CUT_OFF = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loom-conversation-save")
 
 
 # ------------------------------------------------------------------ managing sessions

@@ -127,13 +127,16 @@ def cpu_variant(info: BaseInfo, cfg: ServeConfig, device: torch.device) -> str |
     the first entry this device serves is one; ``--quantize`` on a CPU: the preference's
     first quantized variant, else int8."""
     wanted = cfg.dtype if cfg.dtype in CPU_VARIANTS else None
-    served = ("fp32", "bf16", *CPU_VARIANTS) if device.type == "cpu" else ()
-    if wanted is None and cfg.dtype == "auto" and device.type == "cpu":
+    if wanted is None:  # from the map or --quantize: the first this base offers, never an error
+        if cfg.dtype != "auto" or device.type != "cpu":
+            return None
+        offered = offered_variants(info)
+        served = ("fp32", "bf16", *offered)
         first = next((v for v in cfg.variant_preference if v in served), None)
-        wanted = first if first in CPU_VARIANTS else None
-        if wanted is None and cfg.allow_quantized:
-            wanted = next((v for v in cfg.variant_preference if v in CPU_VARIANTS), "int8")
-    if wanted is None:
+        if first in offered:
+            return first
+        if cfg.allow_quantized:  # the operator's flag wins over the map's float entries
+            return next((v for v in (*cfg.variant_preference, "int8", "int4") if v in offered), None)
         return None
     if device.type != "cpu":
         raise LoomError(
@@ -173,10 +176,10 @@ def choose_variant(info: BaseInfo, cfg: ServeConfig, device: torch.device) -> tu
         return VARIANT_OF_DTYPE[dtype], dtype, f"given: --dtype {cfg.dtype}"
     preferred = preferred_dtype(cfg, device)
     if preferred is not None:
-        skipped = [v for v in cfg.variant_preference if v not in FLOAT_VARIANTS]
+        skipped = [v for v in cfg.variant_preference if v not in FLOAT_VARIANTS and v not in CPU_VARIANTS]
         reason = f"the first of the agent map's variant_preference {cfg.variant_preference} the device serves"
         if skipped:
-            reason += f" ({', '.join(skipped)}: quantized, not served by the engine yet)"
+            reason += f" ({', '.join(skipped)}: not served on this device)"
         return VARIANT_OF_DTYPE[preferred], preferred, reason
     if device.type == "cpu":  # fp32 or bf16, whichever this CPU runs the base's products faster
         from loom.models.dtype_probe import choose_cpu_dtype
@@ -354,7 +357,7 @@ def plan_from_store(cfg: ServeConfig, store: Store, preload: list[str]) -> Serve
         plan = quantized_fallback(cfg, info, resolved.ref, adapters, exc)
     plan.preload = list(preload)
     if plan.variant in CPU_VARIANTS:
-        plan.notes.append(variant_note(store, resolved, plan.variant, cfg.allow_lossy))
+        plan.notes.append(variant_note(store, resolved, plan.variant, cfg.allow_lossy, plan.budget_mb))
     return plan
 
 
@@ -375,7 +378,25 @@ def quantized_fallback(
     raise over
 
 
-def variant_note(store: Store, base: Resolved, variant: str, allow_lossy: bool) -> str:
+def making_problem(base: Resolved, variant: str, budget_mb: int) -> str | None:
+    """Making a variant on first load checks it against the fp32 base, which must fit beside the
+    variant: a plan that fell back to int8 because the float weights do not fit cannot make it."""
+    info = base.manifest.base
+    if info is None:
+        return None
+    fp32_mb = info.variant_vram_mb.get("float32", info.approx_vram_mb * 2)
+    need = fp32_mb + math.ceil(variant_weight_bytes(info, variant) / MIB)
+    if need <= budget_mb:
+        return None
+    return (
+        f"the {variant} variant of {base.ref} is not made yet, and making it here (checked against "
+        f"the fp32 base) needs about {need} MiB, over this server's {budget_mb} MiB: make it once "
+        f"with 'loom store quantize {base.ref} --variant {variant}' on a machine with the memory "
+        "(or with --no-check, then serve it with --allow-lossy)"
+    )
+
+
+def variant_note(store: Store, base: Resolved, variant: str, allow_lossy: bool, budget_mb: int) -> str:
     """The cached variant's recorded quality (refused over the guard's bounds unless
     ``allow_lossy``: from metadata, so a dry run refuses too), or that it is made on first load."""
     from loom.models.quality import check_quality
@@ -383,6 +404,9 @@ def variant_note(store: Store, base: Resolved, variant: str, allow_lossy: bool) 
 
     manifest = read_variant(store, base, variant)
     if manifest is None:
+        problem = making_problem(base, variant, budget_mb)
+        if problem is not None:  # the dry run shows it; the start refuses (loom.serve.app)
+            return f"cannot start yet: {problem}"
         return (
             f"{variant}: not cached yet; made (and checked against fp32) on first load, or now with "
             f"'loom store quantize {base.ref} --variant {variant}'"
