@@ -63,6 +63,7 @@ def create_app(cfg: ServeConfig, store: Store | None = None, engine: ServingEngi
             service.leases.close()
         if app.state.request_log is not None:  # writes what is still queued
             await asyncio.to_thread(app.state.request_log.close)
+        await asyncio.to_thread(conversation_routes.flush_cut_offs)  # turns cut by the shutdown
         await asyncio.to_thread(service.conversations.close)
 
     app = FastAPI(title="Loom", version=__version__, lifespan=lifespan)

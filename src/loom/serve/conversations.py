@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -147,10 +147,18 @@ def save_cut_off(store: ConversationStore, session: Session, messages: Sequence[
         except Exception as exc:
             log.error("the cut-off turn of session %s was not saved: %s", session.session_id, exc)
 
-    _CUT_OFF.submit(write)
+    future = _CUT_OFF.submit(write)
+    _PENDING.add(future)
+    future.add_done_callback(_PENDING.discard)
+
+
+def flush_cut_offs(timeout_s: float = 10.0) -> None:
+    """Wait for cut-off turns still being written (a server closes its store after this)."""
+    wait(list(_PENDING), timeout=timeout_s)
 
 
 _CUT_OFF = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loom-conversation-save")
+_PENDING: set[Future[None]] = set()
 
 
 # ------------------------------------------------------------------ managing sessions
