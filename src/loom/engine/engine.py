@@ -26,7 +26,7 @@ from loom.engine.adapters import AdapterCache
 from loom.engine.detok import IncrementalDecoder
 from loom.engine.prefix_cache import PrefixCache
 from loom.engine.request import Request, Sink
-from loom.engine.resolver import DEFAULT_REFRESH_S, AdapterResolver, ResolvedAdapter
+from loom.engine.resolver import DEFAULT_REFRESH_S, AdapterResolver, ResolvesAdapters
 from loom.engine.runner import ATTN_TARGETS, ModelRunner
 from loom.engine.scheduler import Limits, Scheduler
 from loom.engine.types import Completion, LogitsProcessor, SamplingParams, StreamChunk
@@ -67,7 +67,7 @@ class EngineConfig:
             )
 
 
-class Engine:
+class Engine(ResolvesAdapters):
     def __init__(
         self,
         model: Any = None,
@@ -188,14 +188,7 @@ class Engine:
     ) -> Request:
         """Queue a request; its chunks arrive on ``request.sink``. Raises on bad input.
         ``enqueue=False`` only builds it (``generate_many`` queues a burst in one go)."""
-        params = params or SamplingParams()
-        params.validate()
-        ids = self.tokenize(prompt)
-        if len(ids) + params.max_new_tokens > self.cache.max_len:
-            raise LoomError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"engine's max_seq_len {self.cache.max_len}; shorten the prompt or lower max_new_tokens"
-            )
+        ids, params = checked_prompt(self.tokenize, prompt, params, self.max_len)
         resolved = self.resolve_adapter(adapter) if adapter else None
         req = Request(
             id=request_id or f"req-{next(self._ids)}",
@@ -297,19 +290,6 @@ class Engine:
             raise box["error"]
         return box.get("value")
 
-    def resolve_adapter(self, ref: str) -> ResolvedAdapter:
-        """``ref`` -> the concrete version new requests get; may read the store (blocking)."""
-        return self.resolver.resolve(ref)
-
-    async def aresolve_adapter(self, ref: str) -> ResolvedAdapter:
-        """As :meth:`resolve_adapter`, with any store I/O on a worker thread, never on the loop."""
-        hit = self.resolver.cached(ref)
-        return hit if hit is not None else await asyncio.to_thread(self.resolver.resolve, ref)
-
-    def _on_resolved(self, key: str) -> None:
-        for listener in self.version_listeners:
-            listener(key)
-
     def versions_in_use(self) -> set[str]:
         """Adapter versions resident, loading, waiting for a slot or routed to (for leases)."""
         with self.adapters.lock:
@@ -345,7 +325,7 @@ class Engine:
         self._on_engine_thread(apply)
 
     def unload_adapter(self, ref: str) -> bool:
-        key = self.resolve_adapter(ref).key if "@" in ref or "/" in ref else self.resolver.routed(ref) or ref
+        key = self.unload_key(ref)
         return bool(self._on_engine_thread(lambda: self.adapters.unload(key)))
 
     def swap_adapter(self, name: str, version: str) -> str:
@@ -395,6 +375,21 @@ class Engine:
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+def checked_prompt(
+    tokenize: Callable[[Prompt], list[int]], prompt: Prompt, params: SamplingParams | None, max_len: int
+) -> tuple[list[int], SamplingParams]:
+    """A request's ids and checked sampling parameters, or the error naming what to change."""
+    params = params or SamplingParams()
+    params.validate()
+    ids = tokenize(prompt)
+    if len(ids) + params.max_new_tokens > max_len:
+        raise LoomError(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+            f"engine's max_seq_len {max_len}; shorten the prompt or lower max_new_tokens"
+        )
+    return ids, params
 
 
 def tokenize_prompt(tokenizer: Any, prompt: Prompt, vocab_size: int) -> list[int]:

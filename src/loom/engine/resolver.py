@@ -14,6 +14,7 @@ which callers run on a worker thread, never on the event loop or the engine thre
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -171,3 +172,30 @@ class AdapterResolver:
         with self.lock:
             fresh = {k for k, at in self.resolved_at.items() if at > recent}
             return fresh | {r.key for r in self.routes.values()}
+
+
+class ResolvesAdapters:
+    """What every engine does with adapter refs (Loom's ``Engine`` and ``VLLMEngine``): resolve
+    them through its ``resolver`` (store reads on a worker thread from the loop), and tell
+    ``version_listeners`` of every concrete version before its files are fetched."""
+
+    resolver: AdapterResolver
+    version_listeners: list[Callable[[str], None]]
+
+    def resolve_adapter(self, ref: str) -> ResolvedAdapter:
+        """``ref`` -> the concrete version new requests get; may read the store (blocking)."""
+        return self.resolver.resolve(ref)
+
+    async def aresolve_adapter(self, ref: str) -> ResolvedAdapter:
+        """As :meth:`resolve_adapter`, with any store I/O on a worker thread, never on the loop."""
+        hit = self.resolver.cached(ref)
+        return hit if hit is not None else await asyncio.to_thread(self.resolver.resolve, ref)
+
+    def _on_resolved(self, key: str) -> None:
+        for listener in self.version_listeners:
+            listener(key)
+
+    def unload_key(self, ref: str) -> str:
+        """The concrete key an unload of ``ref`` means: a version as resolved, a bare name as
+        routed now (or the name itself when nothing routes it)."""
+        return self.resolve_adapter(ref).key if "@" in ref or "/" in ref else self.resolver.routed(ref) or ref

@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 
-from loom.engine.engine import EngineConfig, Prompt, tokenize_prompt
-from loom.engine.resolver import AdapterResolver, ResolvedAdapter
+from loom.engine.engine import EngineConfig, Prompt, checked_prompt, tokenize_prompt
+from loom.engine.resolver import AdapterResolver, ResolvedAdapter, ResolvesAdapters
 from loom.engine.types import Completion, LogitsProcessor, SamplingParams, StreamChunk
 from loom.errors import LoomError
 from loom.store.store import Store
@@ -37,7 +37,7 @@ log = logging.getLogger("loom.vllm")
 ADMIN_TIMEOUT_S = 120.0
 
 
-class VLLMEngine:
+class VLLMEngine(ResolvesAdapters):
     def __init__(
         self,
         supervisor: Supervisor,
@@ -92,15 +92,7 @@ class VLLMEngine:
         return tokenize_prompt(self.tokenizer, prompt, self.vocab_size)
 
     def _checked(self, prompt: Prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
-        params = params or SamplingParams()
-        params.validate()
-        ids = self.tokenize(prompt)
-        if len(ids) + params.max_new_tokens > self.max_len:
-            raise LoomError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"engine's max_seq_len {self.max_len}; shorten the prompt or lower max_new_tokens"
-            )
-        return ids, params
+        return checked_prompt(self.tokenize, prompt, params, self.max_len)
 
     def json_processor(self, schema: dict[str, Any] | None = None) -> LogitsProcessor:
         return GuidedDecoding("json", schema) if schema is not None else GuidedDecoding("json_object")
@@ -254,17 +246,6 @@ class VLLMEngine:
                 log.error("re-registering %s after a vLLM restart failed: %s", key, exc)
                 self.loaded.pop(key, None)
 
-    def resolve_adapter(self, ref: str) -> ResolvedAdapter:
-        return self.resolver.resolve(ref)
-
-    async def aresolve_adapter(self, ref: str) -> ResolvedAdapter:
-        hit = self.resolver.cached(ref)
-        return hit if hit is not None else await asyncio.to_thread(self.resolver.resolve, ref)
-
-    def _on_resolved(self, key: str) -> None:
-        for listener in self.version_listeners:
-            listener(key)
-
     def load_adapter(self, ref: str, pin: bool = False) -> str:
         key = self.ensure_loaded(self.resolve_adapter(ref))
         if pin:
@@ -278,7 +259,7 @@ class VLLMEngine:
 
     def unload_adapter(self, ref: str) -> bool:
         """As Loom's engine: refused while requests run on it (they would fail in vLLM)."""
-        key = self.resolve_adapter(ref).key if "@" in ref or "/" in ref else self.resolver.routed(ref) or ref
+        key = self.unload_key(ref)
         if key not in self.loaded:
             return False
         with self._lock:
