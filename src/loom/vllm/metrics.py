@@ -41,9 +41,10 @@ class Scraper:
             self.failures += 1  # vLLM restarting: its series vanish rather than go stale
             self.families, self.values = [], {}
             return
-        families = [relabel(f) for f in text_string_to_metric_families(text) if f.name.startswith(PREFIX)]
+        parsed = list(text_string_to_metric_families(text))  # parsed once, for both views
+        families = [relabel(f) for f in parsed if f.name.startswith(PREFIX)]
         values: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
+        for family in parsed:
             for sample in family.samples:
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
         self.families, self.values = families, values
