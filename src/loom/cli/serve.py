@@ -16,6 +16,7 @@ from loom.vllm.options import DEFAULT_VLLM_PYTHON, VLLMOptions
 _O = typer.Option
 
 if TYPE_CHECKING:
+    from loom.serve import ServeConfig
     from loom.serve.plan import ServePlan
     from loom.store import Store
 
@@ -141,11 +142,7 @@ def serve(
 
     Keys: LOOM_API_KEY (clients), LOOM_ADMIN_KEY (pools and adapter loading)."""
     from loom.serve import ServeConfig, create_app
-    from loom.serve.agents import ServedAgents
-    from loom.serve.app import stub_engine
-    from loom.serve.plan import plan_from_store
     from loom.serve.server import run
-    from loom.store import Store
 
     if log_prompts not in ("on", "off"):
         raise LoomError(f"--log-prompts {log_prompts!r}: give on or off")
@@ -194,51 +191,77 @@ def serve(
         vllm=opts,
     )
     if dry_run:
-        served = ServedAgents(agents)
-        refs = [*cfg.preload, *served.adapters()]
-        cfg.variant_preference = served.variant_preference()
-        if stub:
-            engine, plan = stub_engine(cfg)
-            engine.shutdown()
-        else:
-            plan = plan_from_store(cfg, Store(), refs)  # also checks every preload resolves and fits
-        command = vllm_command(plan, opts, Store(), refs) if backend == "vllm" else None
-        if as_json:
-            print_json({**plan.describe(), "backend": backend, "vllm_command": command})
-            return
-        table = Table("setting", "value", title=f"loom serve plan: {plan.base_ref} (dry run, nothing loaded)")
-        d = plan.describe()
-        for key in (
-            "device",
-            "variant",
-            "dtype",
-            "max_batch_size",
-            "max_seq_len",
-            "kv_sequences",
-            "max_prefill_tokens",
-        ):
-            table.add_row(key, str(d[key]))
-        table.add_row("max_lora_rank", str(plan.max_rank))
-        table.add_row("lora_targets", ", ".join(plan.lora_targets))
-        table.add_row("resident adapters", f"{plan.adapter_slots} slots x {plan.adapter_slot_mb} MiB")
-        table.add_row(
-            "memory (MiB)",
-            f"weights {plan.weights_mb} + adapters "
-            f"{round(plan.adapter_slots * plan.adapter_slot_mb)} + KV cache {plan.kv_cache_mb} "
-            f"+ prefix cache {plan.prefix_cache_mb} "
-            f"+ activations {plan.activations_mb} + runtime {plan.runtime_mb} "
-            f"= {plan.total_mb} of {plan.budget_mb}",
-        )
-        table.add_row("preload", ", ".join(refs) or "-")
-        for note in plan.notes:
-            table.add_row("note", note)
-        if command is not None:
-            table.add_row("vllm", command)
-        console.print(table)
+        _dry_run(cfg, agents, as_json)
         return
     app = create_app(cfg)  # refuses --require-keys without keys before printing an address
     console.print(f"loom serve: http://{host}:{port} (OpenAI API under /v1, docs at /docs)")
     run(app, host, port, log_level)
+
+
+def _dry_run(cfg: ServeConfig, agents: Path | None, as_json: bool) -> None:
+    """Print the plan from metadata alone (and the vLLM command, with --backend vllm)."""
+    from loom.serve.agents import ServedAgents
+    from loom.serve.app import stub_engine
+    from loom.serve.plan import plan_from_store
+    from loom.store import Store
+
+    served = ServedAgents(agents)
+    refs = [*cfg.preload, *served.adapters()]
+    cfg.variant_preference = served.variant_preference()
+    store = Store()
+    if cfg.stub:
+        engine, plan = stub_engine(cfg)
+        engine.shutdown()
+    else:
+        plan = plan_from_store(cfg, store, refs)  # also checks every preload resolves and fits
+    command = vllm_command(plan, cfg.vllm, store, refs) if cfg.backend == "vllm" else None
+    if as_json:
+        print_json({**plan.describe(), "backend": cfg.backend, "vllm_command": command})
+    else:
+        console.print(_plan_table(plan, refs, command))
+
+
+PLAN_ROWS = (
+    "device",
+    "variant",
+    "dtype",
+    "max_batch_size",
+    "max_seq_len",
+    "kv_sequences",
+    "max_prefill_tokens",
+)
+
+
+def _plan_table(plan: ServePlan, refs: list[str], command: str | None) -> Table:
+    table = Table("setting", "value", title=f"loom serve plan: {plan.base_ref} (dry run, nothing loaded)")
+    d = plan.describe()
+    for key in (
+        "device",
+        "variant",
+        "dtype",
+        "max_batch_size",
+        "max_seq_len",
+        "kv_sequences",
+        "max_prefill_tokens",
+    ):
+        table.add_row(key, str(d[key]))
+    table.add_row("max_lora_rank", str(plan.max_rank))
+    table.add_row("lora_targets", ", ".join(plan.lora_targets))
+    table.add_row("resident adapters", f"{plan.adapter_slots} slots x {plan.adapter_slot_mb} MiB")
+    table.add_row(
+        "memory (MiB)",
+        f"weights {plan.weights_mb} + adapters "
+        f"{round(plan.adapter_slots * plan.adapter_slot_mb)} + KV cache {plan.kv_cache_mb} "
+        f"+ prefix cache {plan.prefix_cache_mb} "
+        f"+ activations {plan.activations_mb} + runtime {plan.runtime_mb} "
+        f"= {plan.total_mb} of {plan.budget_mb}",
+    )
+    table.add_row("preload", ", ".join(refs) or "-")
+    for note in plan.notes:
+        table.add_row("note", note)
+    if command is not None:
+        table.add_row("vllm", command)
+    return table
 
 
 def _request_log_path(given: str | None) -> Path | None:
