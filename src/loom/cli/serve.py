@@ -221,17 +221,6 @@ def _dry_run(cfg: ServeConfig, agents: Path | None, as_json: bool) -> None:
         console.print(_plan_table(plan, refs, command))
 
 
-PLAN_ROWS = (
-    "device",
-    "variant",
-    "dtype",
-    "max_batch_size",
-    "max_seq_len",
-    "kv_sequences",
-    "max_prefill_tokens",
-)
-
-
 def _plan_table(plan: ServePlan, refs: list[str], command: str | None) -> Table:
     table = Table("setting", "value", title=f"loom serve plan: {plan.base_ref} (dry run, nothing loaded)")
     d = plan.describe()
