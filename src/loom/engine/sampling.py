@@ -60,8 +60,11 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: flo
 def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> SampleResult:
     """One token per row of ``logits`` [rows, vocab] (float32 or wider)."""
     errors: dict[int, str] = {}
-    if all(r.plain_greedy for r in rows):  # the common case: no copy, two ops, one sync
-        picked = torch.stack([logits.argmax(dim=-1), torch.isnan(logits).any(dim=-1).long()]).tolist()
+    if all(r.plain_greedy for r in rows):  # the common case: no copy, three small ops, one sync
+        best, chosen = logits.max(dim=-1)
+        # max propagates NaN: a row holding a NaN anywhere has a NaN maximum, so this looks at
+        # one value per row instead of scanning the whole [rows, vocab] block a second time
+        picked = torch.stack([chosen, torch.isnan(best).long()]).tolist()
         fast: list[int | None] = list(picked[0])
         for i, nan in enumerate(picked[1]):
             if nan:
@@ -76,11 +79,12 @@ def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> SampleResult:
         except Exception as exc:  # the row's own processor or penalty: that request alone fails
             errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
             work[i] = 0.0
-    chosen = work.argmax(dim=-1)
+    best, chosen = work.max(dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.greedy and i not in errors]
-    # A row with NaN, or with every token masked, has no defined next token; nor has a
-    # sampled row whose probabilities come out NaN (a +inf logit).
-    unusable = torch.isnan(work).any(dim=-1) | ~(work > float("-inf")).any(dim=-1)
+    # A row with NaN (its maximum is NaN), or with every token masked (its maximum is -inf),
+    # has no defined next token; nor has a sampled row whose probabilities come out NaN (a
+    # +inf logit).
+    unusable = torch.isnan(best) | (best == float("-inf"))
     if sampled:
         chosen[sampled], broken = _sample_rows(work[sampled], [rows[i] for i in sampled])
         unusable[sampled] |= broken

@@ -13,6 +13,11 @@ it one long prompt stalls every running stream for its whole prefill (seconds on
 CPU: about 2 ms per token on the default base); with it a decode step waits for at
 most one chunk. Requests behind it in the queue wait for it to finish (first come,
 first served).
+
+A step is four parts with plain data between them, as in vLLM v1: this scheduler plans a
+pass (``loom.engine.step``: rows, tokens, positions, each row's adapter slot), the runner
+executes it, the sampler picks a token or an error per row (``loom.engine.sampling``), and
+the output processor turns tokens into text, stops and chunks (``loom.engine.output``).
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ import torch
 
 from loom.engine.adapters import AdapterCache, AdapterWeights, SlotsBusy
 from loom.engine.kv_cache import KVCache
+from loom.engine.output import OutputProcessor, fail_row, finish, finish_unstarted
 from loom.engine.prefix_cache import PrefixCache, shared_prefix_len
 from loom.engine.request import Request
 from loom.engine.runner import ModelRunner
 from loom.engine.sampling import RowSampling, sample_batch
-from loom.engine.types import FinishReason, StreamChunk
+from loom.engine.step import DecodePass, PrefillPass
+from loom.engine.types import FinishReason
 from loom.errors import IntegrityError, LoomError
 
 
@@ -63,6 +70,7 @@ class Scheduler:
         self.prefix = prefix or PrefixCache(0)
         self.remember_outputs = remember_outputs
         self.eos_ids = eos_ids
+        self.output = OutputProcessor(eos_ids, cache.max_len)
         self.control: queue.Queue[Callable[[], None]] = queue.Queue()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # row i uses cache slot i
@@ -73,7 +81,6 @@ class Scheduler:
         # the slot). Its slot is past every running row's (rows only leave while it fills).
         self.partial: tuple[Request, int, int] | None = None
         self.steps = 0
-        self.tokens_out = 0
         self.oom_events = 0  # caught here (a failed chunk); the engine counts the rest
 
     # ------------------------------------------------------------------ loop
@@ -241,7 +248,7 @@ class Scheduler:
         except Exception as exc:  # this pass's rows end; the rows already running go on
             self.oom_events += isinstance(exc, torch.OutOfMemoryError)
             for req in reqs:
-                self._fail_row(req, f"engine error: {exc}")
+                fail_row(req, f"engine error: {exc}")
             self._reap()
             return
         self._sample_and_accept(reqs, logits)
@@ -254,12 +261,12 @@ class Scheduler:
             # prefix cache; every row then copies its prefix from the cache (or computes it).
             leaders = [req for req, _ in seeds]
             prefixes = [req.prompt_ids[:n] for req, n in seeds]
-            self.runner.prefill(self.cache, first, prefixes, [req.slot for req in leaders])
+            self.runner.execute(self.cache, PrefillPass(first, prefixes, [req.slot for req in leaders]))
             for i, (req, tokens) in enumerate(zip(leaders, prefixes, strict=True)):
                 self._remember(req, tokens, first + i)
         starts = [self._reuse_prefix(req, first + i) for i, req in enumerate(reqs)]
         prompts = [r.prompt_ids for r in reqs]
-        logits = self.runner.prefill(self.cache, first, prompts, [r.slot for r in reqs], starts)
+        logits = self.runner.execute(self.cache, PrefillPass(first, prompts, [r.slot for r in reqs], starts))
         for i, req in enumerate(reqs):
             self._remember(req, req.prompt_ids, first + i)
         return logits
@@ -283,7 +290,8 @@ class Scheduler:
         n = len(req.prompt_ids)
         end = min(n, done + self.limits.max_prefill_tokens_per_step)
         try:
-            logits = self.runner.prefill(self.cache, kv_slot, [req.prompt_ids[:end]], [req.slot], [done])
+            chunk = PrefillPass(kv_slot, [req.prompt_ids[:end]], [req.slot], [done])
+            logits = self.runner.execute(self.cache, chunk)
         except Exception as exc:  # its own failure (a chunk out of memory): the running rows go on
             self.oom_events += isinstance(exc, torch.OutOfMemoryError)
             self.partial = None
@@ -346,9 +354,8 @@ class Scheduler:
 
     def _decode(self) -> None:
         rows = self.running
-        tokens = [r.generated[-1] for r in rows]
-        positions = [r.position for r in rows]
-        logits = self.runner.decode(self.cache, tokens, positions, [r.slot for r in rows])
+        step = DecodePass([r.generated[-1] for r in rows], [r.position for r in rows], [r.slot for r in rows])
+        logits = self.runner.execute(self.cache, step)
         self.steps += 1
         self._sample_and_accept(list(rows), logits)
         self._reap()
@@ -367,55 +374,7 @@ class Scheduler:
             )
             for r in reqs
         ]
-        result = sample_batch(logits, rows)
-        for i, req in enumerate(reqs):
-            token = result.tokens[i]
-            if req.cancelled:
-                continue
-            if token is None:
-                self._fail_row(req, result.errors[i])
-                continue
-            try:
-                self._accept(req, token)
-            except Exception as exc:
-                self._fail_row(req, f"output processing failed: {type(exc).__name__}: {exc}")
-
-    def _fail_row(self, req: Request, message: str) -> None:
-        """End one running request with an error at the next reap; the batch goes on."""
-        req.error = message
-        req.meta["finish"] = ("error", req.decoder.text)
-
-    def _accept(self, req: Request, token: int) -> None:
-        """Append ``token`` to ``req`` and stream any completed text."""
-        now = time.monotonic()
-        if req.first_token_at is None:
-            req.first_token_at = now
-        req.token_times.append(now)
-        req.generated.append(token)
-        self.tokens_out += 1
-        if req.processor is not None:
-            req.processor.accept(token)
-        is_eos = token in self.eos_ids and not req.params.ignore_eos
-        stop_id = token in req.params.stop_token_ids
-        if not (is_eos or stop_id):
-            req.decoder.push(token)
-        text = req.decoder.text
-        stop_at = _find_stop(text, req.params.stop)
-        if stop_at is not None:
-            req.meta["finish"] = ("stop", text[:stop_at])
-        elif is_eos or stop_id or (req.processor is not None and req.processor.is_terminated()):
-            req.meta["finish"] = ("stop", text + req.decoder.flush())
-        elif len(req.generated) >= req.params.max_new_tokens or req.position + 1 >= self.cache.max_len:
-            req.meta["finish"] = ("length", text + req.decoder.flush())
-        else:
-            hold = max((len(s) for s in req.params.stop), default=1) - 1  # a stop string may be forming
-            self._emit(req, text[: max(req.emitted_chars, len(text) - hold)], [token])
-
-    def _emit(self, req: Request, visible: str, ids: list[int], finished: bool = False, **kw: Any) -> None:
-        new = visible[req.emitted_chars :]
-        req.emitted_chars = len(visible)
-        if new or finished:
-            req.sink.put(StreamChunk(req.id, new, ids, finished=finished, **kw))
+        self.output.process(reqs, sample_batch(logits, rows))
 
     def _reap(self) -> None:
         """Finish done or cancelled rows; keep running rows in slots 0..n-1."""
@@ -442,7 +401,7 @@ class Scheduler:
 
     def _finish(self, req: Request, reason: FinishReason, text: str) -> None:
         """Send ``req``'s final chunk and give back its adapter (it held a slot)."""
-        self._emit(req, text, [], finished=True, completion=req.completion(reason, text))
+        finish(req, reason, text)
         if req.adapter_key:
             self.adapters.release(req.adapter_key)
 
@@ -462,13 +421,15 @@ class Scheduler:
             req.error = message
             self._finish(req, "error", "")
         for req in self.running:
-            req.error = message
-            req.meta["finish"] = ("error", req.decoder.text)
+            fail_row(req, message)
         self._reap()
 
     def _finish_waiting(self, req: Request, reason: FinishReason) -> None:
-        completion = req.completion(reason, "")
-        req.sink.put(StreamChunk(req.id, "", [], finished=True, completion=completion))
+        finish_unstarted(req, reason)
+
+    @property
+    def tokens_out(self) -> int:
+        return self.output.tokens_out
 
     def stats(self) -> dict[str, Any]:
         partial = self.partial  # read once: other threads call stats() while it changes
@@ -484,8 +445,3 @@ class Scheduler:
             "adapters_waiting_for_slot": len(self.slot_waits),
             **self.prefix.stats(),
         }
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
