@@ -185,6 +185,23 @@ def test_the_sampler_reports_nan_and_inf_rows_and_samples_the_rest() -> None:
     rows = [RowSampling(hot, [], generator=torch.Generator().manual_seed(1)) for _ in range(2)]
     mixed = sample_batch(torch.tensor([[0.0, float("inf"), 1.0], [0.0, 9.0, 1.0]]), rows)
     assert mixed.tokens[0] is None and 0 in mixed.errors and mixed.tokens[1] == 1
+    # a processor that masks every token leaves a greedy row with no next token; NaN anywhere in a
+    # row is seen even where it is not the row's first maximum
+    masked = RowSampling(SamplingParams(), [], processor=_MaskAll())
+    rows2 = [masked, RowSampling(SamplingParams(), []), RowSampling(SamplingParams(), [])]
+    out = sample_batch(torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, float("nan")], [2.0, 0.0, 1.0]]), rows2)
+    assert out.tokens == [None, None, 0] and sorted(out.errors) == [0, 1]
+
+
+class _MaskAll:
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(logits, float("-inf"))
+
+    def accept(self, token: int) -> None:
+        pass
+
+    def is_terminated(self) -> bool:
+        return False
 
 
 def test_a_local_adapter_folder_streams(engine: Engine, tiny_adapter_dir: Path) -> None:

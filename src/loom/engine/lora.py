@@ -81,13 +81,17 @@ class BatchLoRAContext:
     used: frozenset[int] = frozenset()  # slots the current rows use
     _dense_used: tuple[int, ...] = ()
     _masks: dict[int, torch.Tensor] | None = None
+    _dense_rows: tuple[int, ...] | None = None  # the decode rows the dense mask was built for
 
     def set_rows(self, slots: list[int], device: torch.device, dtype: torch.dtype, prefill: bool) -> None:
         """``slots``: each row's adapter slot (-1: base only); in a prefill a row is one token
         and rows of one adapter come side by side (the scheduler orders them so)."""
+        if not prefill and self._dense_rows == tuple(slots) and self.mask is not None:
+            return  # the same rows as the last decode step: its dense mask still holds
         self.index = self.unique = self.mask = None
         self.segments = ()
         self._masks = {}
+        self._dense_rows = None
         self.used = frozenset(s for s in slots if s >= 0)
         used = tuple(sorted(self.used))
         if not used:
@@ -112,6 +116,7 @@ class BatchLoRAContext:
                     mask[row, position[s]] = 1
             self.unique = torch.tensor(used, device=device)
             self.mask = mask.reshape(len(slots), 1, -1).to(device)
+            self._dense_rows = tuple(slots)
         else:
             self.index = torch.tensor([s if s >= 0 else self.zero_slot for s in slots], device=device)
 
@@ -229,10 +234,15 @@ class Projection:
                     lin.bias = nn.Parameter(bias[off : off + n], requires_grad=False)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self.merged(x)
+        return [out[..., off : off + n] for off, n in zip(self.offsets, self.sizes, strict=True)]
+
+    def merged(self, x: torch.Tensor) -> torch.Tensor:
+        """Every part's output side by side (base product plus deltas), unsplit."""
         out = self.base(x)
         if self.adapted:
             self._add_deltas(x, out)
-        return [out[..., off : off + n] for off, n in zip(self.offsets, self.sizes, strict=True)]
+        return out
 
     def _add_deltas(self, x: torch.Tensor, out: torch.Tensor) -> None:
         ctx = self.ctx

@@ -8,9 +8,9 @@ of different lengths and adapters share one decode step.
 
 from __future__ import annotations
 
-import importlib
 import itertools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,13 @@ class ModelRunner:
         self.vocab_size = int(model.lm_head.out_features)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        rope_module = importlib.import_module(type(model).__module__)
-        self._apply_rope = rope_module.apply_rotary_pos_emb
+        # each layer's norms and activation, looked up once rather than through nn.Module
+        # attribute access and call machinery 120 times a step
+        self.blocks = [
+            (norm_fn(layer.input_layernorm), norm_fn(layer.post_attention_layernorm), layer.mlp.act_fn)
+            for layer in self.layers
+        ]
+        self.final_norm = norm_fn(self.inner.norm)
         self.ctx = BatchLoRAContext(zero_slot=num_slots, max_rank=max_rank)
         self.lora_modules: dict[str, LoRASlots] = {}
         unknown = set(targets) - set(ATTN_TARGETS) - set(MLP_TARGETS)
@@ -249,19 +254,20 @@ class ModelRunner:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Any) -> torch.Tensor:
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, positions)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [b, t, 1, d]: the same for every head
         bsz, t = ids.shape
-        for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
-            q, k, v = self.qkv[i](x)
-            q = q.reshape(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
-            k = k.reshape(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.reshape(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._apply_rope(q, k, cos, sin)
-            out = attend(i, q, k, v).transpose(1, 2).reshape(bsz, t, self.num_heads * self.head_dim)
-            h = h + self.o_proj[i](out)[0]
-            gate, up = self.gate_up[i](layer.post_attention_layernorm(h))
-            h = h + self.down[i](layer.mlp.act_fn(gate) * up)[0]
-        return self.inner.norm(h)
+        nh, kvh, d = self.num_heads, self.kv_heads, self.head_dim
+        for i, (input_norm, post_norm, act) in enumerate(self.blocks):
+            qkv = self.qkv[i].merged(input_norm(h)).reshape(bsz, t, nh + 2 * kvh, d)
+            # q and k heads rotated together: one rotation per layer instead of two
+            qk = rope(qkv[:, :, : nh + kvh], cos, sin)
+            q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
+            v = qkv[:, :, nh + kvh :].transpose(1, 2)
+            out = attend(i, q, k, v).transpose(1, 2).reshape(bsz, t, nh * d)
+            h = h + self.o_proj[i].merged(out)
+            gate, up = self.gate_up[i](post_norm(h))
+            h = h + self.down[i].merged(act(gate).mul_(up))
+        return self.final_norm(h)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)
@@ -277,3 +283,29 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, float("-inf")
     )
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as transformers' ``apply_rotary_pos_emb`` computes it for Llama,
+    Mistral and Qwen2 (``x * cos + rotate_half(x) * sin``, the same ops in the same order,
+    so the same bits); ``x`` is [b, t, heads, d] and ``cos``/``sin`` [b, t, 1, d]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def norm_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module``'s RMSNorm as one fused ``F.rms_norm`` (five elementwise ops in transformers'
+    Llama/Mistral/Qwen2 ``RMSNorm``). fp32 gives the same bits; in lower precision the
+    normalisation runs in fp32 and the weight multiplies after the cast, as transformers
+    does. Any other norm module is called as it is."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not type(module).__name__.endswith("RMSNorm") or weight is None or eps is None:
+        return cast(Callable[[torch.Tensor], torch.Tensor], module)
+    shape = (int(weight.shape[0]),)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, shape, weight, eps)
+        return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+
+    return norm
