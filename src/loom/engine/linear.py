@@ -39,7 +39,8 @@ FAST_LINEAR_MAX_TOKENS = 128
 PACK_ROWS_HINT = 32
 # Parts of a layer (``qkv``, ``o``, ``gate_up``, ``down``; ``vocab`` for the head) that the
 # runner keeps dense even where they could be packed, per dtype, because whole decode steps
-# measured faster so (BENCHMARKS.md): fp32 down_proj (wide input, narrow output).
+# measured faster so (BENCHMARKS.md): fp32 down_proj (wide input, narrow output); in bf16
+# down_proj measured faster packed, at every batch and in prefill.
 KEEP_DENSE: dict[torch.dtype, frozenset[str]] = {
     torch.float32: frozenset({"down"}),
     torch.bfloat16: frozenset(),
