@@ -146,6 +146,28 @@ def assert_product_close(
     assert excess <= 0, f"product off by more than 2*gamma_K*|x||w| (excess {excess:.3g})"
 
 
+# bf16 products (``assert_bf16_product_close``): the operands are bf16 values, whose products are
+# exact in fp32 (8 x 8 significant bits); oneDNN's and ATen's bf16 GEMMs accumulate them (and the
+# bias) in fp32, within the fp32 bound above, then round to bf16 (unit roundoff 2^-8) once, or
+# twice where the bias is added to the rounded product in bf16. Each rounding is relative to the
+# value rounded, which is within |exact| + |bias| + the fp32 error of the exact result.
+BF16_U = 2.0**-8
+
+
+def assert_bf16_product_close(
+    got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
+    """``got`` (bf16) must equal ``x @ weight.T + bias`` of bf16 operands within an fp32
+    accumulation and two bf16 roundings."""
+    assert got.dtype == torch.bfloat16 and x.dtype == weight.dtype == torch.bfloat16
+    b = bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    exact = x.double() @ weight.double().T + b
+    accumulated = gamma(x.shape[-1] + 1) * (x.double().abs() @ weight.double().abs().T + b.abs())
+    bound = accumulated + 2 * BF16_U * (1 + BF16_U) * (exact.abs() + b.abs() + accumulated)
+    excess = ((got.double() - exact).abs() - bound).max().item()
+    assert excess <= 0, f"bf16 product off by more than fp32 accumulation + 2 bf16 roundings ({excess:.3g})"
+
+
 class Fp32Reference:
     """Reference logits computed in fp32 and in float64 from the same model and inputs."""
 

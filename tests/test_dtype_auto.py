@@ -195,3 +195,64 @@ def test_info_serves_the_measured_dtype_and_says_why(engine_store: Store, measur
     assert info["dtype"] == "bfloat16" and info["plan"]["dtype"] == "bfloat16"  # the engine runs bf16
     assert info["dtype_reason"].startswith("bf16: 2.5x faster than fp32 on this CPU's projection shapes")
     assert answer.status_code == 200, answer.text
+
+
+# loom.testing.make_tiny_model's shape: every projection's (in, out) differs
+TINY = SMOLLM2.model_copy(
+    update={
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 512,
+    }
+)
+
+
+def test_the_probe_times_each_part_in_the_form_the_runner_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packed or dense, per dtype and part: what the probe times is what the engine runs."""
+    import loom.engine.linear as linear
+    from loom.engine.runner import ModelRunner
+    from loom.testing import make_tiny_model
+
+    held: dict[tuple[str, torch.dtype], bool] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        r = ModelRunner(make_tiny_model().to(dtype), 1, 4)
+        parts = {"qkv": r.qkv[0].base, "o": r.o_proj[0].base, "gate_up": r.gate_up[0].base}
+        parts |= {"down": r.down[0].base, "vocab": r.head}
+        held |= {(name, dtype): base.packed is not None for name, base in parts.items()}
+    shapes = probe.projection_shapes(TINY)
+    name_of = {(s.in_features, s.out_features): s.name for s in shapes}
+    assert len(name_of) == len(shapes) == 5
+    measured: dict[tuple[str, torch.dtype], bool] = {}
+
+    class Recording(linear.FrozenLinear):
+        def __init__(
+            self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, vocab: bool = False
+        ) -> None:
+            super().__init__(weight, bias, pack, vocab)
+            name = name_of[(self.in_features, self.out_features)]
+            measured[(name, weight.dtype)] = self.packed is not None
+
+    monkeypatch.setattr(linear, "FrozenLinear", Recording)
+    probe.measure_projections(shapes, rows=(1,), reps=1)
+    assert measured == held
+    onednn = linear.can_pack(torch.zeros(1, 1))
+    assert held[("qkv", torch.bfloat16)] == (onednn and linear.native_bf16())  # bf16 packed where it can be
+
+
+def test_the_cache_key_changes_with_the_forms_the_engine_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import loom.engine.linear as linear
+
+    shapes = probe.projection_shapes(SMOLLM2)
+    key = probe.cache_key(probe.cache_facts(shapes))
+    assert probe.cache_facts(shapes)["probe"] == probe.PROBE_VERSION
+    native = linear.native_bf16()
+    monkeypatch.setattr(linear, "native_bf16", lambda: not native)  # bf16 packed or not
+    if linear.can_pack(torch.zeros(1, 1)):  # without oneDNN nothing is packed either way
+        assert probe.cache_key(probe.cache_facts(shapes)) != key
+    monkeypatch.setattr(linear, "native_bf16", lambda: native)
+    assert probe.cache_key(probe.cache_facts(shapes)) == key
+    monkeypatch.setitem(linear.KEEP_DENSE, torch.bfloat16, linear.KEEP_DENSE[torch.bfloat16] ^ {"down"})
+    assert probe.cache_key(probe.cache_facts(shapes)) != key

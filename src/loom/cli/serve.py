@@ -79,7 +79,9 @@ def serve(
     ),
     memory_mb: int | None = _O(None, "--memory-mb", help="Memory budget (default: 90% of free)."),
     pack_weights: bool = _O(
-        True, "--pack-weights/--no-pack-weights", help="fp32 on CPU: hold weights oneDNN-packed (faster)."
+        True,
+        "--pack-weights/--no-pack-weights",
+        help="CPU: hold weights oneDNN-packed (faster; fp32, and bf16 on CPUs with native bf16).",
     ),
     max_queue: int = _O(64, "--max-queue", help="Requests waiting beyond the batch before 429."),
     max_body_bytes: int = _O(1 << 20, "--max-body-bytes"),

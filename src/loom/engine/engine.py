@@ -53,7 +53,8 @@ class EngineConfig:
     # finished requests' whole sequences (prompt + output) kept too: a chat's next turn reuses
     # its history; False keeps prompts only
     prefix_cache_outputs: bool = True
-    # fp32 on CPU: weights held oneDNN-packed (loom.engine.linear); False keeps torch's plain GEMMs
+    # on CPU: weights held oneDNN-packed (loom.engine.linear: fp32, and bf16 where the CPU has
+    # native bf16); False keeps torch's plain GEMMs
     pack_weights: bool = True
     # how old a bare name's or alias's route may get before the store is read again: the
     # longest an alias move (promotion, rollback) takes to reach new requests

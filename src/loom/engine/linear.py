@@ -4,17 +4,19 @@ device has.
 On CUDA these are plain ``F.linear``. On CPUs, where decoding a batch is a few dozen
 rows against every weight of the model, the form matters:
 
-* **oneDNN-packed weights** (fp32, when torch is built with oneDNN, as the PyPI wheels
-  are): the weight is reordered once, at start-up, into the blocked layout oneDNN's
-  GEMM reads directly (``torch.ops.mkldnn._reorder_linear_weight``; the same prepacking
-  torch's own inductor applies to frozen CPU linears). A plain ``F.linear`` or ``mm``
-  repacks the weight into that kind of layout on every call, which for decode-sized
-  inputs is a large part of the work. ``benchmarks/decode_step.py`` on the 2-core CPU
-  (batch 32, default base, both forms in turns in one process): 151.6 -> 140.3 ms per
-  step, 167.1 -> 147.0 ms in an earlier run. Per part, packed one at a time:
-  vocabulary -15 ms, gate/up -12 ms, o -3 ms, q/k/v unchanged, down slower (the
-  runner keeps down_proj dense). Results agree with ``F.linear`` to rounding (the
-  engine's PEFT token-for-token tests run through this path).
+* **oneDNN-packed weights** (when torch is built with oneDNN, as the PyPI wheels are):
+  the weight is reordered once, at start-up, into the blocked layout oneDNN's GEMM reads
+  directly (``torch.ops.mkldnn._reorder_linear_weight``; the same prepacking torch's own
+  inductor applies to frozen CPU linears). A plain ``F.linear`` or ``mm`` repacks the
+  weight into that kind of layout on every call, which for decode-sized inputs is a
+  large part of the work. fp32 weights are packed on any such CPU; bf16 weights where
+  the CPU computes bf16 natively (``avx512_bf16`` or AMX, ``native_bf16``): elsewhere
+  oneDNN would emulate bf16 and the packed form is unmeasured, so the dense one stays.
+  Which parts of a layer the runner packs is decided per dtype by measuring whole decode
+  steps (``KEEP_DENSE``; ``benchmarks/decode_step.py --compare pack``, figures in
+  BENCHMARKS.md, engine issue 4 and issue 18 sections). Results agree with ``F.linear``
+  to rounding (the engine's PEFT token-for-token tests run through this path; bf16 ones
+  in ``tests/test_linear.py``).
 * otherwise ``fast_linear``: ``(W @ x.T).T`` for decode-sized inputs, ``F.linear`` for
   prefill.
 
@@ -22,6 +24,8 @@ Hand-written only as far as choosing the form: the products are torch's (oneDNN,
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,14 @@ FAST_LINEAR_MAX_TOKENS = 128
 # works. 32 rows (a full decode batch here) measured best for decode and equal to
 # ``F.linear`` for prefill-sized inputs (0.9-1.1x from 512 to 2,048 tokens).
 PACK_ROWS_HINT = 32
+# Parts of a layer (``qkv``, ``o``, ``gate_up``, ``down``; ``vocab`` for the head) that the
+# runner keeps dense even where they could be packed, per dtype, because whole decode steps
+# measured faster so (BENCHMARKS.md): fp32 down_proj (wide input, narrow output); in bf16
+# down_proj measured faster packed, at every batch and in prefill.
+KEEP_DENSE: dict[torch.dtype, frozenset[str]] = {
+    torch.float32: frozenset({"down"}),
+    torch.bfloat16: frozenset(),
+}
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -51,15 +63,34 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether oneDNN runs bf16 products on this CPU in hardware (``avx512_bf16`` or AMX).
+
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` alone also says yes on plain
+    AVX-512 CPUs, where oneDNN emulates bf16 with fp32 instructions."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's, torch >= 2.3
+    hardware = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return hardware and supported is not None and bool(supported())
+
+
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` can be held oneDNN-packed: fp32 on a CPU, torch built with oneDNN."""
+    """Whether ``weight`` can be held oneDNN-packed: a CPU tensor, torch built with oneDNN,
+    fp32, or bf16 on a CPU with native bf16 (``native_bf16``)."""
     return (
         weight.device.type == "cpu"
-        and weight.dtype == torch.float32
+        and (weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and native_bf16()))
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def packs(part: str, dtype: torch.dtype) -> bool:
+    """Whether the runner asks for ``part`` (see ``KEEP_DENSE``) to be packed in ``dtype``;
+    ``can_pack`` still decides whether it can be."""
+    return part not in KEEP_DENSE.get(dtype, frozenset())
 
 
 class FrozenLinear:

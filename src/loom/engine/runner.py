@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.engine.kv_cache import KVCache
-from loom.engine.linear import FrozenLinear, release_weights
+from loom.engine.linear import FrozenLinear, packs, release_weights
 from loom.engine.lora import BatchLoRAContext, LoRASlots, Projection
 from loom.engine.quantized import QuantizedLinear
 from loom.engine.step import DecodePass, ModelPass
@@ -37,8 +37,9 @@ class ModelRunner:
         targets: tuple[str, ...] = ATTN_TARGETS,
         pack_weights: bool = True,
     ) -> None:
-        """``pack_weights``: hold fp32 CPU weights oneDNN-packed (``loom.engine.linear``);
-        the model's own q/k/v/o, gate/up (and an untied lm_head) weights are then dropped."""
+        """``pack_weights``: hold CPU weights oneDNN-packed where ``loom.engine.linear`` can
+        (fp32; bf16 on CPUs with native bf16) and measured it faster (``packs``); the model's
+        own weights of the packed parts (and an untied lm_head's) are then dropped."""
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             raise LoomError(
@@ -76,17 +77,16 @@ class ModelRunner:
             attn, mlp = layer.self_attn, layer.mlp
             if getattr(mlp, "act_fn", None) is None:
                 raise LoomError(f"layer {i} MLP has no act_fn; the engine runs gated (SwiGLU) MLPs")
-            self.qkv.append(self._projection(i, "self_attn", attn, ("q_proj", "k_proj", "v_proj"), targets))
-            self.o_proj.append(self._projection(i, "self_attn", attn, ("o_proj",), targets))
-            self.gate_up.append(self._projection(i, "mlp", mlp, ("gate_proj", "up_proj"), targets))
-            # down_proj (wide input, narrow output) measured 0-9% slower packed: kept dense.
-            self.down.append(self._projection(i, "mlp", mlp, ("down_proj",), targets, pack=False))
+            self.qkv.append(self._projection(i, "qkv", attn, ("q_proj", "k_proj", "v_proj"), targets))
+            self.o_proj.append(self._projection(i, "o", attn, ("o_proj",), targets))
+            self.gate_up.append(self._projection(i, "gate_up", mlp, ("gate_proj", "up_proj"), targets))
+            self.down.append(self._projection(i, "down", mlp, ("down_proj",), targets))
         head = model.lm_head
         quant_head = getattr(head, "loom_quant", None)  # a quantized variant (loom.models.quantize)
         self.head: FrozenLinear | QuantizedLinear = (
             QuantizedLinear(quant_head, None)
             if quant_head is not None
-            else FrozenLinear(head.weight, None, pack_weights, vocab=True)
+            else FrozenLinear(head.weight, None, pack_weights and packs("vocab", self.dtype), vocab=True)
         )
         head.loom_quant = None
         self.head_bias = head.bias
@@ -104,9 +104,10 @@ class ModelRunner:
         parent: nn.Module,
         names: tuple[str, ...],
         targets: tuple[str, ...],
-        pack: bool = True,
     ) -> Projection:
+        """``part``: ``qkv``, ``o``, ``gate_up`` or ``down`` (``loom.engine.linear.KEEP_DENSE``)."""
         linears, loras = [], []
+        module = "self_attn" if part in ("qkv", "o") else "mlp"
         for name in names:
             linear = getattr(parent, name)
             if not isinstance(linear, nn.Linear):
@@ -116,9 +117,9 @@ class ModelRunner:
             if name in targets:
                 # Only targeted modules get slot storage: memory is slots x rank x (in + out) per module.
                 lora = LoRASlots(linear.in_features, linear.out_features, self.ctx, linear.weight)
-                self.lora_modules[f"model.layers.{layer}.{part}.{name}"] = lora
+                self.lora_modules[f"model.layers.{layer}.{module}.{name}"] = lora
             loras.append(lora)
-        return Projection(linears, loras, self.ctx, pack=pack and self.pack)
+        return Projection(linears, loras, self.ctx, pack=self.pack and packs(part, self.dtype))
 
     def new_cache(self, budget_bytes: int, max_len: int, max_seqs: int | None = None) -> KVCache:
         if self.sliding_window and max_len > self.sliding_window:

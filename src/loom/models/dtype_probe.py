@@ -5,13 +5,14 @@ Whether bf16 pays on a CPU depends on more than its flags: on a CPU with ``avx51
 CPU bf16 is converted in software and loses, and a VM may hide or throttle either. So at
 start-up the base's own projection shapes (q/k/v, o, gate/up, down and the vocabulary
 projection, as the engine groups them) are run through the engine's own product
-(``loom.engine.linear.FrozenLinear``) in both dtypes at 1 and 32 rows, a few reps each,
-interleaved so that a noisy neighbour slows both alike; the fastest of the reps (a shared
-machine delays a sub-millisecond product by whole scheduler slices, which a best-of-N
-drops and a median keeps when most reps are hit), weighted by how often a decode step
-calls each shape, decide. The result is cached per machine (CPU
-model, flags, torch version, oneDNN ISA limit, threads) and shape set in Loom's user
-cache dir, so later starts cost nothing.
+(``loom.engine.linear.FrozenLinear``, packed or dense per dtype and part exactly as the
+runner holds them: ``loom.engine.linear.packs``) in both dtypes at 1 and 32 rows, a few
+reps each, interleaved so that a noisy neighbour slows both alike; the fastest of the reps
+(a shared machine delays a sub-millisecond product by whole scheduler slices, which a
+best-of-N drops and a median keeps when most reps are hit), weighted by how often a decode
+step calls each shape, decide. The result is cached per machine (CPU model, flags, torch
+version, oneDNN ISA limit, threads), shape set and the form the engine holds each part in
+(packed or dense, per dtype), in Loom's user cache dir, so later starts cost nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from loom.store.manifest import ArchitectureFacts
 
 log = logging.getLogger("loom.models")
 
-PROBE_VERSION = 1  # bump when the measurement changes, so old cache entries are not reused
+# bump when the measurement changes, so old cache entries are not reused (2: bf16 packed where
+# the CPU has native bf16, down_proj packed in bf16)
+PROBE_VERSION = 2
 ROWS = (1, 32)  # a lone decode stream and a full CPU batch
 REPS = 5
 # bf16 rounds weights and activations: take it only where it is clearly faster
@@ -64,13 +67,13 @@ NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 @dataclass(frozen=True)
 class ProjShape:
-    """One product of a decode step: ``count`` calls of [rows, in] @ [in, out]."""
+    """One product of a decode step: ``count`` calls of [rows, in] @ [in, out]; ``name``: the
+    runner's part (``loom.engine.linear.KEEP_DENSE``), which decides its packing per dtype."""
 
     name: str
     in_features: int
     out_features: int
     count: int
-    pack: bool = True  # the runner keeps down_proj dense (loom.engine.runner)
     vocab: bool = False
 
 
@@ -132,7 +135,7 @@ def projection_shapes(arch: ArchitectureFacts) -> list[ProjShape]:
         ProjShape("qkv", hidden, hidden + 2 * kv, layers),
         ProjShape("o", hidden, hidden, layers),
         ProjShape("gate_up", hidden, 2 * arch.intermediate_size, layers),
-        ProjShape("down", arch.intermediate_size, hidden, layers, pack=False),
+        ProjShape("down", arch.intermediate_size, hidden, layers),
         ProjShape("vocab", hidden, arch.vocab_size, 1, vocab=True),
     ]
 
@@ -140,13 +143,14 @@ def projection_shapes(arch: ArchitectureFacts) -> list[ProjShape]:
 def _best_times(shape: ProjShape, rows: Sequence[int], reps: int) -> dict[str, dict[str, float]]:
     """Seconds per call of ``shape`` (capped at MAX_WEIGHT_ELEMENTS, scaled back), by dtype
     name and row count; dtypes and row counts interleaved within each rep."""
-    from loom.engine.linear import FrozenLinear
+    from loom.engine.linear import FrozenLinear, packs
 
     out = min(shape.out_features, max(64, MAX_WEIGHT_ELEMENTS // shape.in_features))
     scale = shape.out_features / out
     weight = torch.rand(out, shape.in_features).sub_(0.5).mul_(0.1)
     dtypes = (torch.float32, torch.bfloat16)
-    linears = {dt: FrozenLinear(weight.to(dt), None, shape.pack, vocab=shape.vocab) for dt in dtypes}
+    # each dtype in the form the runner holds this part in (packed or dense)
+    linears = {dt: FrozenLinear(weight.to(dt), None, packs(shape.name, dt), shape.vocab) for dt in dtypes}
     del weight
     inputs = {(dt, r): torch.randn(r, shape.in_features).to(dt) for dt in dtypes for r in rows}
     times: dict[tuple[torch.dtype, int], list[float]] = {key: [] for key in inputs}
@@ -216,7 +220,7 @@ def _cpu_facts() -> tuple[str, str]:
 
 def cache_facts(shapes: Sequence[ProjShape], rows: Sequence[int] = ROWS) -> dict[str, Any]:
     """What a cached measurement is valid for: this machine, this torch, these shapes."""
-    from loom.engine.linear import can_pack
+    from loom.engine.linear import KEEP_DENSE, can_pack
 
     model, flags = _cpu_facts()
     return {
@@ -229,6 +233,7 @@ def cache_facts(shapes: Sequence[ProjShape], rows: Sequence[int] = ROWS) -> dict
         "threads": torch.get_num_threads(),
         # which dtypes the engine holds oneDNN-packed (a change to loom.engine.linear remeasures)
         "packed": {name: can_pack(torch.empty(1, 1, dtype=dt)) for dt, name in NAMES.items()},
+        "keep_dense": {name: sorted(KEEP_DENSE.get(dt, ())) for dt, name in NAMES.items()},
         "probe": PROBE_VERSION,
         "rows": list(rows),
         "shapes": [asdict(s) for s in shapes],

@@ -37,7 +37,7 @@ class ServeConfig:
     max_lora_rank: int | None = None
     memory_mb: int | None = None  # budget override; default: a fraction of what the device has free
     memory_fraction: float = 0.9
-    pack_weights: bool = True  # fp32 on CPU: oneDNN-packed weights (EngineConfig.pack_weights)
+    pack_weights: bool = True  # CPU: oneDNN-packed weights (EngineConfig.pack_weights)
     # prompt tokens prefilled per scheduler step; longer prompts go in chunks (None: the plan's)
     max_prefill_tokens: int | None = None
     # limits

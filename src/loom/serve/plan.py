@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from loom.engine.engine import EngineConfig
+from loom.engine.linear import can_pack, packs
 from loom.engine.runner import ATTN_TARGETS
 from loom.errors import LoomError
 from loom.models.device import DTYPES, pick_device, pick_dtype
@@ -109,6 +110,11 @@ def device_memory_mb(device: torch.device) -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // MIB)
+
+
+def _packs_head(dtype: torch.dtype) -> bool:
+    """Whether the engine holds the lm_head oneDNN-packed in ``dtype`` on this CPU."""
+    return packs("vocab", dtype) and can_pack(torch.empty(0, 0, dtype=dtype))
 
 
 def _lora_dims(arch: ArchitectureFacts, targets: Sequence[str]) -> int:
@@ -227,12 +233,13 @@ def make_plan(
         dtype_reason = "stub mode (tiny test model)" if cfg.dtype == "auto" else f"given: --dtype {cfg.dtype}"
     nbytes = torch.empty((), dtype=dtype).element_size()
     packed_head_mb = 0
-    if device.type == "cpu" and dtype == torch.float32 and cfg.pack_weights and variant not in CPU_VARIANTS:
-        # The engine holds fp32 CPU weights oneDNN-packed (loom.engine.linear). Packing
-        # replaces the projections' weights, except an lm_head tied to the input
-        # embeddings, which stay dense: that is a second copy. The manifest does not
-        # record tying, so the copy is counted either way (small next to an untied base).
-        packed_head_mb = math.ceil(arch.vocab_size * arch.hidden_size * 4 / MIB)
+    if device.type == "cpu" and cfg.pack_weights and variant not in CPU_VARIANTS and _packs_head(dtype):
+        # The engine holds CPU weights oneDNN-packed (loom.engine.linear: fp32, and bf16 on
+        # CPUs with native bf16). Packing replaces the projections' weights, except an
+        # lm_head tied to the input embeddings, which stay dense: that is a second copy. The
+        # manifest does not record tying, so the copy is counted either way (small next to
+        # an untied base).
+        packed_head_mb = math.ceil(arch.vocab_size * arch.hidden_size * nbytes / MIB)
         weights_mb += packed_head_mb
     budget = cfg.memory_mb or int(device_memory_mb(device) * cfg.memory_fraction)
     lora = choose_lora(cfg, adapters)
@@ -271,7 +278,8 @@ def make_plan(
     )
     notes: list[str] = lora.notes()
     if packed_head_mb:
-        notes.append(f"weights include {packed_head_mb} MiB for a oneDNN-packed lm_head copy (CPU fp32)")
+        name = str(dtype).removeprefix("torch.")
+        notes.append(f"weights include {packed_head_mb} MiB for a oneDNN-packed lm_head copy (CPU {name})")
     if cfg.kv_cache_mb is not None:
         kv_mb = cfg.kv_cache_mb
     else:  # enough for a full batch of full-length sequences, or what is left
