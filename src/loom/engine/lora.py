@@ -40,7 +40,8 @@ memory is not doubled.
 
 The base products themselves are ``loom.engine.linear.FrozenLinear`` (oneDNN-packed
 weights on CPUs), or ``loom.engine.quantized.QuantizedLinear`` for a quantized variant's
-modules (which carry their weights as ``loom_quant``); the deltas are fp32 either way.
+modules (which carry their weights as ``loom_quant``); the deltas run in the model's dtype
+(bf16 on a bf16 base; fp32 on fp32 bases and on quantized variants, whose outputs are fp32).
 """
 
 from __future__ import annotations
