@@ -28,6 +28,7 @@ INT4_GROUP_SIZES = (128, 64, 32)  # the largest that divides a weight's input fe
 # multiple of 32, the smallest group size offered.
 INT4_INNER_K_TILES = 2
 SCALE_DTYPE = torch.bfloat16
+ALIGNMENT = 64  # bytes: torch's CPU allocator's, and what its packed-int kernels may assume
 
 
 @dataclass
@@ -132,6 +133,15 @@ def concat_out(weights: list[QuantWeight]) -> QuantWeight:
     )
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when its data does not start on a 64-byte boundary. torch's int8 CPU
+    kernel (``_weight_int8pack_mm``, AVX-512) dies with a general protection fault on a weight
+    only 8- or 24-byte aligned (a prefill of 5 rows at any shape we tried; 32 and 64 work), as
+    a tensor viewed inside a safetensors memory map is. Storage torch allocates is 64-aligned,
+    so this copies nothing that Loom's loader (``loom.models.tensor_file``) reads."""
+    return t if t.data_ptr() % ALIGNMENT == 0 else t.clone()
+
+
 class QuantizedLinear:
     """``x @ dequantize(weight).T (+ bias)`` through torch's packed-weight CPU kernels;
     called like ``FrozenLinear`` (fp32 in, fp32 out)."""
@@ -144,14 +154,14 @@ class QuantizedLinear:
         self.scheme = "int8" if isinstance(weight, Int8Weight) else "int4"
         self.nbytes = weight.nbytes
         if isinstance(weight, Int8Weight):
-            self.qweight = weight.qweight.contiguous()
-            self.scales = weight.scales.to(SCALE_DTYPE).contiguous()
+            self.qweight = aligned(weight.qweight.contiguous())
+            self.scales = aligned(weight.scales.to(SCALE_DTYPE).contiguous())
             self.group_size = 0
         else:
             self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 weight.values(), INT4_INNER_K_TILES
             )
-            self.scales = weight.scales_zeros.to(SCALE_DTYPE).contiguous()
+            self.scales = aligned(weight.scales_zeros.to(SCALE_DTYPE).contiguous())
             self.group_size = weight.group_size
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from loom.engine.quantized import Int4Weight, Int8Weight, QuantWeight, quantize_int4, quantize_int8
 from loom.errors import IntegrityError, LoomError
+from loom.models.tensor_file import TensorFile
 from loom.store.store import Resolved, Store
 from loom.store.variants import (
     CPU_VARIANTS,
@@ -45,13 +46,12 @@ def quantized_module(tensor_name: str) -> str | None:
     return HEAD if tensor_name == "lm_head.weight" else None
 
 
-def _base_tensors(base_dir: Path) -> Iterator[tuple[str, Any]]:
-    """(name, safe_open handle) for every tensor of the base's safetensors files."""
-    from safetensors import safe_open
-
+def _base_tensors(base_dir: Path) -> Iterator[tuple[str, TensorFile]]:
+    """(name, open file) for every tensor of the base's safetensors files, read one at a time
+    (``TensorFile``: no memory map, whose pages would stay in the RSS beside the copies)."""
     for path in sorted(base_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+        with TensorFile(path) as fh:
+            for name in fh.names():
                 yield name, fh
 
 
@@ -90,18 +90,22 @@ def to_tensors(weights: dict[str, QuantWeight]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, QuantWeight]:
-    weights: dict[str, QuantWeight] = {}
-    for key, q in tensors.items():
-        if not key.endswith(".qweight"):
-            continue
-        module = key.removesuffix(".qweight")
-        if f"{module}.scales" in tensors:
-            weights[module] = Int8Weight(q, tensors[f"{module}.scales"])
-        else:
-            sz = tensors[f"{module}.scales_zeros"]
-            weights[module] = Int4Weight(q, sz, q.shape[1] * 2 // sz.shape[0])
-    return weights
+def read_weights(path: Path) -> Iterator[tuple[str, QuantWeight]]:
+    """The variant file's (module, weight) pairs, each read when asked for into storage of
+    its own: nothing else of the file is held meanwhile (see ``TensorFile``)."""
+    with TensorFile(path) as fh:
+        names = set(fh.names())
+        for key in fh.names():
+            if not key.endswith(".qweight"):
+                continue
+            module = key.removesuffix(".qweight")
+            if f"{module}.scales" in names:
+                yield module, Int8Weight(fh.get_tensor(key), fh.get_tensor(f"{module}.scales"))
+            elif f"{module}.scales_zeros" in names:
+                q, sz = fh.get_tensor(key), fh.get_tensor(f"{module}.scales_zeros")
+                yield module, Int4Weight(q, sz, q.shape[1] * 2 // sz.shape[0])
+            else:
+                raise IntegrityError(f"{path}: {module} has no scales; re-quantize the variant")
 
 
 def scheme_of(variant: str, groups: set[int]) -> tuple[str, int | None]:
@@ -116,11 +120,14 @@ def scheme_of(variant: str, groups: set[int]) -> tuple[str, int | None]:
 # ---------------------------------------------------------------- loading
 
 
-def load_quantized_model(base_dir: Path, weights: dict[str, QuantWeight]) -> Any:
+def load_quantized_model(
+    base_dir: Path, weights: Mapping[str, QuantWeight] | Iterable[tuple[str, QuantWeight]]
+) -> Any:
     """The base's HF model with fp32 embeddings/norms/biases from ``base_dir`` and every
     quantized module's dense weight replaced by an empty placeholder and its quantized form
     attached as ``loom_quant`` (read by ``loom.engine.lora.Projection`` and the runner).
-    The dense weights are never materialized: a 7B int8 base loads in ~8 GB."""
+    The dense weights are never materialized (the model is built on the meta device), and
+    ``weights`` may be ``read_weights``' stream: each is attached as it is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(base_dir)
@@ -135,7 +142,8 @@ def load_quantized_model(base_dir: Path, weights: dict[str, QuantWeight]) -> Any
     inner = model.model
     inner.rotary_emb = type(inner.rotary_emb)(config=config)  # its buffers were made on meta
     modules = dict(model.named_modules())
-    for module, w in weights.items():
+    pairs = weights.items() if isinstance(weights, Mapping) else weights
+    for module, w in pairs:
         linear = modules.get(module)
         if not isinstance(linear, nn.Linear):
             raise LoomError(f"{base_dir}: the variant quantizes {module}, which this base does not have")
@@ -158,12 +166,6 @@ def variant_file(store: Store, base: Resolved, manifest: VariantManifest) -> Pat
         while chunk := src.read(1 << 24):
             dst.write(chunk)
     return tmp
-
-
-def read_weights(path: Path) -> dict[str, QuantWeight]:
-    from safetensors.torch import load_file
-
-    return from_tensors(load_file(str(path)))
 
 
 # ---------------------------------------------------------------- make once, load many times
