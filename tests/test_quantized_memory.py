@@ -53,6 +53,36 @@ def test_tensor_file_reads_what_safetensors_wrote(tmp_path: Path) -> None:
     junk.write_bytes(b"\xff" * 64)
     with pytest.raises(IntegrityError, match="not a safetensors file"):
         TensorFile(junk)
+    trailing = tmp_path / "trailing.safetensors"
+    trailing.write_bytes(path.read_bytes() + b"\0" * 4)
+    with pytest.raises(IntegrityError, match="after the last tensor"):
+        TensorFile(trailing)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        [1, 2],  # not an object
+        {"a": "F32"},  # an entry that is not an object
+        {"a": {"dtype": "F32", "shape": [1]}},  # no offsets
+        {"a": {"dtype": "F32", "shape": [-1, -1], "data_offsets": [0, 4]}},  # negative dims
+        {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}},  # float offsets
+        {
+            "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        },  # overlap
+        {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},  # a gap before the first tensor
+    ],
+)
+def test_tensor_file_refuses_a_malformed_header(tmp_path: Path, header: object) -> None:
+    import json
+    import struct
+
+    body = json.dumps(header).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"\0" * 8)
+    with pytest.raises(IntegrityError):
+        TensorFile(path)
 
 
 def test_a_loaded_variant_holds_its_own_aligned_memory_not_the_file(store: Store, tiny_base: str) -> None:

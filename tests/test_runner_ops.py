@@ -3,6 +3,8 @@ LoRA mask kept between decode steps is rebuilt whenever the rows change."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
@@ -16,10 +18,11 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cls", [LlamaRMSNorm, Qwen2RMSNorm])
-def test_fused_rms_norm_is_bit_identical(dtype: torch.dtype, cls: type) -> None:
-    norm = cls(96, eps=1e-5).to(dtype)
+@pytest.mark.parametrize("hidden", [96, 576, 4096])
+def test_fused_rms_norm_is_bit_identical(dtype: torch.dtype, cls: type, hidden: int) -> None:
+    norm = cls(hidden, eps=1e-5).to(dtype)
     norm.weight.data.normal_(generator=torch.Generator().manual_seed(0))
-    x = torch.randn(5, 3, 96, generator=torch.Generator().manual_seed(1)).to(dtype) * 4
+    x = torch.randn(5, 3, hidden, generator=torch.Generator().manual_seed(1)).to(dtype) * 4
     assert torch.equal(norm_fn(norm)(x), norm(x))
 
 
@@ -57,3 +60,20 @@ def test_the_dense_lora_mask_follows_the_rows() -> None:
     ctx.set_rows([1, 1, 0], cpu, torch.float32, prefill=True)  # a prefill in between
     ctx.set_rows([1, 0, -1], cpu, torch.float32, prefill=False)
     assert ctx.mask is not None and ctx.mask[2, 0].tolist() == [0, 0, 0, 0]
+
+
+def test_hand_built_passes_run_as_the_scheduler_runs_them(tiny_dir: Path) -> None:
+    """A prefill then a decode pass, built by hand, give the logits of the same prompt
+    prefilled whole: the passes carry everything the runner needs."""
+    from transformers import AutoModelForCausalLM
+
+    from loom.engine.runner import ModelRunner
+    from loom.engine.step import DecodePass, PrefillPass
+
+    runner = ModelRunner(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), 2, 8)
+    cache = runner.new_cache(8 * 2**20, 64, 2)
+    ids = [5, 9, 14, 3, 7]
+    runner.execute(cache, PrefillPass(0, [ids[:-1]], [-1]))
+    stepped = runner.execute(cache, DecodePass([ids[-1]], [len(ids) - 1], [-1]))
+    whole = runner.execute(cache, PrefillPass(1, [ids], [-1]))
+    torch.testing.assert_close(stepped, whole, rtol=1e-4, atol=1e-4)

@@ -56,13 +56,6 @@ class ModelRunner:
         self.vocab_size = int(model.lm_head.out_features)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        # each layer's norms and activation, looked up once rather than through nn.Module
-        # attribute access and call machinery 120 times a step
-        self.blocks = [
-            (norm_fn(layer.input_layernorm), norm_fn(layer.post_attention_layernorm), layer.mlp.act_fn)
-            for layer in self.layers
-        ]
-        self.final_norm = norm_fn(self.inner.norm)
         self.ctx = BatchLoRAContext(zero_slot=num_slots, max_rank=max_rank)
         self.lora_modules: dict[str, LoRASlots] = {}
         unknown = set(targets) - set(ATTN_TARGETS) - set(MLP_TARGETS)
@@ -81,6 +74,13 @@ class ModelRunner:
             self.o_proj.append(self._projection(i, "o", attn, ("o_proj",), targets))
             self.gate_up.append(self._projection(i, "gate_up", mlp, ("gate_proj", "up_proj"), targets))
             self.down.append(self._projection(i, "down", mlp, ("down_proj",), targets))
+        # each layer's norms and activation, looked up once rather than through nn.Module
+        # attribute access and call machinery 120 times a step (after the loop has checked act_fn)
+        self.blocks = [
+            (norm_fn(layer.input_layernorm), norm_fn(layer.post_attention_layernorm), layer.mlp.act_fn)
+            for layer in self.layers
+        ]
+        self.final_norm = norm_fn(self.inner.norm)
         head = model.lm_head
         quant_head = getattr(head, "loom_quant", None)  # a quantized variant (loom.models.quantize)
         self.head: FrozenLinear | QuantizedLinear = (
@@ -296,7 +296,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def norm_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``module``'s RMSNorm as one fused ``F.rms_norm`` (five elementwise ops in transformers'
-    Llama/Mistral/Qwen2 ``RMSNorm``). fp32 gives the same bits; in lower precision the
+    Llama/Mistral/Qwen2 ``RMSNorm``). fp32 gave the same bits on our CPUs with torch 2.13
+    (``tests/test_runner_ops.py`` checks it wherever the tests run); in lower precision the
     normalisation runs in fp32 and the weight multiplies after the cast, as transformers
     does. Any other norm module is called as it is."""
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)

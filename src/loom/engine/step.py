@@ -6,8 +6,8 @@ runs (a :class:`PrefillPass` or a :class:`DecodePass`: rows, tokens, positions, 
 adapter slot each row reads, the step's LoRA mapping); the runner executes it and returns
 logits; the sampler (``loom.engine.sampling``) picks a token or an error per row; the output
 processor (``loom.engine.output``) turns tokens into text, stops and stream chunks. A pass
-holds no request and no tensor, so a test can build one by hand and a failure in one part
-is that part's to report (a bad row ends alone in the sampler or the output processor; a
+holds no request and no tensor (``tests/test_runner_ops.py`` builds them by hand), and a
+failure in one part is that part's to report (a bad row ends alone in the sampler or the output processor; a
 failed pass ends only its own rows).
 """
 
@@ -28,11 +28,6 @@ class PrefillPass:
     prompts: list[list[int]]
     adapter_slots: list[int]  # per prompt: its adapter's slot, -1 for the base
     starts: list[int] = field(default_factory=list)  # empty: every prompt from its start
-
-    @property
-    def num_tokens(self) -> int:
-        starts = self.starts or [0] * len(self.prompts)
-        return sum(len(p) - s for p, s in zip(self.prompts, starts, strict=True))
 
 
 @dataclass(frozen=True)

@@ -100,20 +100,39 @@ def _header(fh: FileIO, path: str) -> tuple[dict[str, Entry], dict[str, str]]:
         header = json.loads(fh.read(length))
     except ValueError as exc:
         raise IntegrityError(f"{path}: safetensors header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise IntegrityError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     start = 8 + length
+    try:
+        raw = {name: _entry(info) for name, info in header.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"{path}: safetensors header entry is malformed ({exc})") from None
     entries: dict[str, Entry] = {}
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        dtype = DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise IntegrityError(f"{path}: {name} has dtype {info['dtype']}, which Loom does not read")
-        begin, end = info["data_offsets"]
-        shape = tuple(int(d) for d in info["shape"])
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if end - begin != expected or begin < 0 or start + end > size:
+    expected_begin = 0  # the format lays tensors end to end from the start of the data
+    for name, (dtype, shape, begin, end) in sorted(raw.items(), key=lambda kv: kv[1][2]):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if begin != expected_begin or end - begin != nbytes or start + end > size:
             raise IntegrityError(
-                f"{path}: {name} spans bytes {begin}..{end}, which does not hold its {info['dtype']} "
-                f"{list(shape)} within the file's {size - start} data bytes"
+                f"{path}: {name} spans bytes {begin}..{end}, which does not hold its {dtype} "
+                f"{list(shape)} right after the previous tensor within the file's {size - start} data bytes"
             )
         entries[name] = Entry(dtype, shape, start + begin, start + end)
+        expected_begin = end
+    if start + expected_begin != size:
+        raise IntegrityError(f"{path}: {size - start - expected_begin} bytes after the last tensor")
     return entries, metadata
+
+
+def _entry(info: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """One header entry, checked: a known dtype, non-negative integer dims and offsets."""
+    if not isinstance(info, dict):
+        raise TypeError(f"entry {info!r} is not an object")
+    dtype = DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"dtype {info['dtype']} is not one Loom reads")
+    shape, offsets = info["shape"], info["data_offsets"]
+    values = [*shape, *offsets]
+    if len(offsets) != 2 or not all(type(v) is int and v >= 0 for v in values):
+        raise ValueError(f"shape {shape} / data_offsets {offsets} are not non-negative integers")
+    return dtype, tuple(shape), offsets[0], offsets[1]
