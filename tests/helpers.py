@@ -7,7 +7,20 @@ from typing import Any
 
 import torch
 
+from loom.store.manifest import ArchitectureFacts
 from loom.testing import make_tiny_model, make_tokenizer
+
+# the default base's shape (SmolLM2-135M-Instruct), for plans and probes without its weights
+SMOLLM2 = ArchitectureFacts(
+    architecture="LlamaForCausalLM",
+    model_type="llama",
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+)
 
 ADAPTERS = {  # the engine store's adapters, name: (seed, rank, targets)
     "qv4": (11, 4, ("q_proj", "v_proj")),

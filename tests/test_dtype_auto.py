@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from helpers import SMOLLM2
 from typer.testing import CliRunner
 
 import loom.models.dtype_probe as probe
@@ -24,19 +25,8 @@ from loom.serve import ServeConfig, create_app
 from loom.serve.plan import plan_from_store
 from loom.serve.server import serve_in_thread
 from loom.store import Store
-from loom.store.manifest import ArchitectureFacts
 
 runner = CliRunner()
-SMOLLM2 = ArchitectureFacts(
-    architecture="LlamaForCausalLM",
-    model_type="llama",
-    hidden_size=576,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    intermediate_size=1536,
-    vocab_size=49152,
-)
 
 
 def fake(

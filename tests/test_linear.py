@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_bf16_product_close, assert_product_close, tiny_engine
+from helpers import SMOLLM2, assert_bf16_product_close, assert_product_close, tiny_engine
 from torch import nn
 
 import loom.engine.linear as linear
@@ -21,7 +21,6 @@ from loom.engine.lora import BatchLoRAContext, Projection
 from loom.serve import ServeConfig
 from loom.serve.plan import make_plan, plan_from_store
 from loom.store import Store
-from loom.store.manifest import ArchitectureFacts
 
 PACKABLE = can_pack(torch.zeros(1, 1))
 needs_onednn = pytest.mark.skipif(not PACKABLE, reason="this torch build has no oneDNN linear")
@@ -183,16 +182,7 @@ def test_plan_counts_the_packed_head_copy_on_cpu(engine_store: Store, dtype: str
     assert any(f"packed lm_head copy (CPU {dtype})" in n for n in packed.notes) == packs
     assert packed.engine_config().pack_weights and not plain.engine_config().pack_weights
     # at SmolLM2's size the copy is the head's bytes in the dtype served: 49,152 x 576
-    arch = ArchitectureFacts(
-        architecture="LlamaForCausalLM",
-        model_type="llama",
-        hidden_size=576,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        intermediate_size=1536,
-        vocab_size=49152,
-    )
+    arch = SMOLLM2
     cfg = ServeConfig(device="cpu", dtype=dtype, memory_mb=4096)
     big = make_plan(cfg, arch, None, "smol")
     big_plain = make_plan(dataclasses.replace(cfg, pack_weights=False), arch, None, "smol")
