@@ -209,10 +209,7 @@ class ModelRunner:
         length = int(max(positions)) + 1
         rows = torch.arange(b, device=self.device)
         keys = torch.arange(length, device=self.device)
-        mask = keys.unsqueeze(0) <= pos.unsqueeze(1)  # [B, L]
-        if self.sliding_window:
-            mask &= keys.unsqueeze(0) > pos.unsqueeze(1) - self.sliding_window
-        mask = additive(mask[:, None, None, :], self.dtype)
+        mask = additive(self._allowed(pos[:, None], keys[None, :])[:, None, None, :], self.dtype)  # [B,1,1,L]
 
         group = self.num_heads // self.kv_heads
 
@@ -243,10 +240,15 @@ class ModelRunner:
             return None
         q_pos = torch.arange(start, start + n, device=self.device)[:, None]
         keys = torch.arange(start + n, device=self.device)[None, :]
+        return additive(self._allowed(q_pos, keys), self.dtype)
+
+    def _allowed(self, q_pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Which key positions each query position attends to: causal, within the sliding
+        window where the base has one (``q_pos`` and ``keys`` broadcast against each other)."""
         mask = keys <= q_pos
         if self.sliding_window:
             mask &= keys > q_pos - self.sliding_window
-        return additive(mask, self.dtype)
+        return mask
 
     @property
     def scaling(self) -> float:
